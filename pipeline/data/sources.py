@@ -1,0 +1,119 @@
+"""Question sources: the built-in demo set, TruthfulQA, GSM8K, any local file or Hub dataset.
+
+Every source becomes a list of ``Sample``: a stable id (dataset name + row index, so
+resumed runs match rows), the question, and the reference answer when there is one.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.config import DataConfig
+from pipeline.errors import UserError
+
+DEMO_FILE = Path(__file__).with_name("demo.jsonl")
+FILE_BUILDERS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+
+
+@dataclass(frozen=True)
+class Preset:
+    hub: tuple[str, str | None, str]  # (dataset id, configuration, split)
+    question_fields: tuple[str, ...]
+    answer_fields: tuple[str, ...]
+    task: str
+
+
+PRESETS = {
+    "truthfulqa": Preset(("truthful_qa", "generation", "validation"), ("Question", "question"),
+                         ("Best Answer", "best_answer"), "bleu_vs_reference"),
+    "gsm8k": Preset(("gsm8k", "main", "test"), ("question",), ("answer",), "exact_number"),
+    "demo": Preset(("", None, ""), ("question",), ("answer",), "bleu_vs_reference"),
+}
+GENERIC = Preset(("", None, "train"), ("question",), ("answer",), "bleu_vs_reference")
+
+
+@dataclass
+class Sample:
+    id: str
+    question: str
+    reference: str | None
+
+
+def dataset_name(config: DataConfig) -> str:
+    """Short name used in sample ids and run directory names."""
+    if config.dataset in PRESETS:
+        return config.dataset
+    return Path(config.dataset).stem if Path(config.dataset).suffix else config.dataset.replace("/", "_")
+
+
+def _read_rows(config: DataConfig, preset: Preset):
+    """Rows as a sequence of dicts, from a file or the Hub."""
+    import datasets
+
+    datasets.logging.set_verbosity_error()
+    datasets.disable_progress_bars()
+    if config.dataset == "demo" and config.path is None:
+        return [json.loads(line) for line in DEMO_FILE.read_text().splitlines() if line.strip()]
+    source = config.path or (config.dataset if config.dataset not in PRESETS else None)
+    if source is not None and (Path(source).suffix.lower() in FILE_BUILDERS or Path(source).exists()):
+        path = Path(source)
+        if not path.is_file():
+            raise UserError(f"data file not found: {path}")
+        builder = FILE_BUILDERS.get(path.suffix.lower())
+        if builder is None:
+            raise UserError(f"unsupported data file type {path.suffix!r}: use .csv, .json, .jsonl or .parquet")
+        try:
+            return datasets.load_dataset(builder, data_files=str(path.resolve()), split="train")
+        except Exception as error:  # malformed CSV/JSON surfaces from pandas/pyarrow with many types
+            raise UserError(f"could not read {path}: {str(error).splitlines()[0] if str(error) else type(error).__name__}")
+    hub_id, subset, split = preset.hub if config.dataset in PRESETS else (config.dataset, None, "train")
+    subset, split = config.subset or subset, config.split or split
+    try:
+        return datasets.load_dataset(hub_id, subset, split=split, revision=None)
+    except Exception as error:
+        first = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise UserError(f"could not load dataset '{hub_id}' from the Hugging Face Hub ({first}); "
+                        f"pass a local file with --data.path")
+
+
+def _pick_field(columns, configured: str | None, candidates: tuple[str, ...], what: str, required: bool):
+    if configured is not None:
+        if configured not in columns:
+            raise UserError(f"{what} field '{configured}' not in the data; columns are {', '.join(columns)}")
+        return configured
+    for name in candidates:
+        if name in columns:
+            return name
+    if required:
+        raise UserError(f"no {what} column found (looked for {', '.join(candidates)}); "
+                        f"set --data.{what}_field; columns are {', '.join(columns)}")
+    return None
+
+
+def load_samples(config: DataConfig) -> tuple[list[Sample], str]:
+    """The selected questions and the task measure to score them with."""
+    preset = PRESETS.get(config.dataset, GENERIC)
+    rows = _read_rows(config, preset)
+    name = dataset_name(config)
+    if len(rows) == 0:
+        raise UserError(f"dataset '{name}' is empty")
+    columns = list(rows.column_names) if hasattr(rows, "column_names") else list(rows[0].keys())
+    q_field = _pick_field(columns, config.question_field, preset.question_fields, "question", True)
+    a_field = _pick_field(columns, config.answer_field, preset.answer_fields, "answer", False)
+    task = config.task or (preset.task if a_field else "none")
+    stop = len(rows) if config.limit is None else min(len(rows), config.start + config.limit)
+    samples = []
+    for index in range(config.start, stop):
+        row = rows[index]
+        question = row.get(q_field)
+        if not isinstance(question, str) or not question.strip():
+            raise UserError(f"row {index} of dataset '{name}' has no question in field '{q_field}'")
+        reference = row.get(a_field) if a_field else None
+        if a_field and reference is not None and not isinstance(reference, str):
+            reference = str(reference)
+        samples.append(Sample(id=f"{name}:{index}", question=question.strip(), reference=reference))
+    if not samples:
+        raise UserError(f"no questions selected from dataset '{name}' ({len(rows)} rows, start={config.start})")
+    return samples, task

@@ -1,0 +1,133 @@
+"""The only place the model is touched: forward pre-hooks on the unit hook points.
+
+Each layer's head-output point and neuron point (see ``models/adapters.py``) gets one
+pre-hook. What the hook does depends on the state set on ``UnitHooks``:
+
+* ``probe`` (attribution): read the units' outputs at the attributed positions and add
+  a zero "probe" tensor there, whose gradient is dL/d(unit output); optionally scale
+  one layer's units by alpha first (integrated gradients).
+* ``masks`` (generation): multiply the units at the position being computed (the last
+  one) by that decoding step's 0/1 mask.
+
+Both are off by default, so an installed ``UnitHooks`` leaves the model's numbers alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import partial
+
+import torch
+
+from pipeline.models.adapters import UnitLayout
+
+HEADS, NEURONS = "heads", "neurons"
+
+
+@dataclass
+class Probe:
+    """Attribution state: positions to read, optional IG scaling, and what was captured.
+
+    ``positions`` is ``[batch, T]``: for each row, the sequence positions whose unit
+    outputs are attributed (the positions that predict the labels).
+    ``scale`` is ``(kind, layer, alpha)`` with ``alpha`` of shape ``[batch]``: only that
+    layer's units of that kind are scaled, and only at the attributed positions.
+    ``only`` restricts probing to one ``(kind, layer)`` (IG needs just the scaled one).
+    """
+
+    positions: torch.Tensor
+    scale: tuple[str, int, torch.Tensor] | None = None
+    only: tuple[str, int] | None = None
+    outputs: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)
+    probes: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)
+
+    def apply(self, kind: str, layer: int, x: torch.Tensor) -> torch.Tensor:
+        if self.only is not None and self.only != (kind, layer):
+            return x
+        index = self.positions.unsqueeze(-1).expand(-1, -1, x.shape[-1])
+        at_positions = x.gather(1, index)
+        probe = torch.zeros_like(at_positions, requires_grad=True)
+        delta = probe
+        if self.scale is not None and self.scale[:2] == (kind, layer):
+            alpha = self.scale[2].to(x.dtype).view(-1, 1, 1)
+            delta = delta + (alpha - 1) * at_positions
+        self.outputs[(kind, layer)] = at_positions.detach()
+        self.probes[(kind, layer)] = probe
+        return x.scatter_add(1, index, delta)
+
+
+@dataclass
+class StepMasks:
+    """Generation state: per-step keep masks for every row, and the current step.
+
+    ``heads`` is ``[steps, rows, layers, heads]`` and ``neurons`` is
+    ``[steps, rows, layers, neurons]``, both 0/1 in the model's dtype.
+    """
+
+    heads: torch.Tensor
+    neurons: torch.Tensor
+    step: int = 0
+
+    def apply(self, kind: str, layer: int, x: torch.Tensor, head_dim: int) -> torch.Tensor:
+        if self.step >= self.heads.shape[0]:
+            return x
+        last = x[:, -1]  # the position being computed; earlier ones come from the cache
+        if kind == HEADS:
+            keep = self.heads[self.step, :, layer]
+            last.view(last.shape[0], -1, head_dim).mul_(keep.unsqueeze(-1))
+        else:
+            last.mul_(self.neurons[self.step, :, layer])
+        return x
+
+
+class UnitHooks:
+    """Installs one pre-hook per layer and unit kind; usable as a context manager."""
+
+    def __init__(self, layout: UnitLayout):
+        self.layout = layout
+        self.probe: Probe | None = None
+        self.masks: StepMasks | None = None
+        self._handles: list = []
+
+    @property
+    def installed(self) -> bool:
+        return bool(self._handles)
+
+    def install(self) -> "UnitHooks":
+        if not self._handles:
+            for kind, modules in ((HEADS, self.layout.head_inputs), (NEURONS, self.layout.neuron_inputs)):
+                for layer, module in enumerate(modules):
+                    self._handles.append(module.register_forward_pre_hook(partial(self._hook, kind, layer)))
+        return self
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self.probe = self.masks = None
+
+    def __enter__(self) -> "UnitHooks":
+        return self.install()
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    def _hook(self, kind: str, layer: int, module, args):
+        x = args[0]
+        if self.probe is not None:
+            x = self.probe.apply(kind, layer, x)
+        if self.masks is not None:
+            x = self.masks.apply(kind, layer, x, self.layout.head_dim)
+        return (x, *args[1:])
+
+
+def hooks_for(model) -> UnitHooks:
+    """The model's installed hooks, or a fresh (not yet installed) set."""
+    from pipeline.models.adapters import layout_for
+
+    existing = getattr(model, "_sparseact_hooks", None)
+    if existing is not None and existing.installed:
+        return existing
+    hooks = UnitHooks(layout_for(model))
+    model._sparseact_hooks = hooks
+    return hooks

@@ -1,0 +1,44 @@
+"""From importances to keep masks, and the achieved sparsity they give (SPEC section 5)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from pipeline.models.adapters import UnitLayout
+
+
+def units_off(level: float, units: int) -> int:
+    """``floor(level * units)``, robust to float error (0.7 * 10 is 7.000000000000001)."""
+    return math.floor(level * units + 1e-9)
+
+
+def keep_masks(importance: torch.Tensor, levels: list[float]) -> torch.Tensor:
+    """Keep masks for all levels at once.
+
+    ``importance`` is ``[..., units]`` (typically ``[tokens, layers, units]``); the
+    result is bool ``[levels, ..., units]``. At each level the ``floor(p * units)``
+    units with the lowest importance along the last dimension are switched off.
+    Ties are broken by a stable sort: among equal importances the lower unit index
+    is switched off first. NaN counts as the highest importance (never switched off
+    before a number).
+    """
+    units = importance.shape[-1]
+    order = importance.argsort(dim=-1, stable=True)
+    rank = torch.empty_like(order)
+    rank.scatter_(-1, order, torch.arange(units, device=importance.device).expand_as(order))
+    off = torch.tensor([units_off(p, units) for p in levels], device=importance.device)
+    return rank.unsqueeze(0) >= off.view(-1, *([1] * importance.dim()))
+
+
+def achieved_sparsity(head_keep: torch.Tensor, neuron_keep: torch.Tensor, layout: UnitLayout) -> torch.Tensor:
+    """Parameter-weighted fraction of switched-off units, per step.
+
+    ``head_keep`` ``[..., steps, layers, heads]``, ``neuron_keep`` ``[..., steps, layers, neurons]``
+    -> ``[..., steps]``. Attention counts ``layout.attention_share`` of the layer's weights,
+    the MLP the rest (Phi-2: 1/3 and 2/3).
+    """
+    heads_off = 1 - head_keep.float().mean(dim=(-1, -2))
+    neurons_off = 1 - neuron_keep.float().mean(dim=(-1, -2))
+    return layout.attention_share * heads_off + layout.mlp_share * neurons_off

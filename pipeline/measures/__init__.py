@@ -1,0 +1,6 @@
+"""Accuracy measures (SPEC section 7): fidelity to the dense output and task accuracy."""
+
+from pipeline.measures.fidelity import bleu_vs_dense, token_agreement
+from pipeline.measures.task import TASK_MEASURES, task_score
+
+__all__ = ["bleu_vs_dense", "token_agreement", "task_score", "TASK_MEASURES"]

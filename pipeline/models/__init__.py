@@ -1,0 +1,1 @@
+"""Models: loading (bundled GGUF SLMs, Hugging Face ids, local paths), the adapter table, prompts."""

@@ -1,0 +1,1 @@
+"""Results: the run directory and its records (store.py), summaries (summary.py), plots (plot.py)."""

@@ -1,0 +1,82 @@
+"""Aggregate records into the per-(metric, level) table and the headline figure (SPEC section 8)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections import defaultdict
+from pathlib import Path
+
+from pipeline.results.store import atomic_write_text
+
+MEASURES = ("sparsity", "bleu", "token_agreement", "task_score")
+MAX_LOSS = 5.0
+
+
+def summarize(records: list[dict]) -> list[dict]:
+    """Mean of each measure per (metric, level), with the sample count, sorted."""
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for record in records:
+        groups[(record["metric"], record["level"])].append(record)
+    rows = []
+    for (metric, level), items in sorted(groups.items()):
+        row = {"metric": metric, "level": level, "n": len(items)}
+        for measure in MEASURES:
+            values = [r[measure] for r in items if r.get(measure) is not None]
+            row[measure] = sum(values) / len(values) if values else None
+        row["accuracy_loss"] = 100.0 - row["bleu"]
+        rows.append(row)
+    return rows
+
+
+def max_sparsity_within_loss(points: list[tuple[float, float]], max_loss: float = MAX_LOSS) -> float:
+    """Highest achieved sparsity whose accuracy loss stays within ``max_loss``.
+
+    ``points`` are (achieved sparsity, accuracy loss). Walk them in order of sparsity,
+    stop at the first whose loss exceeds ``max_loss`` and interpolate linearly between
+    it and the previous point; 0 if the first point already fails.
+    """
+    points = sorted(points)
+    previous = None
+    for sparsity, loss in points:
+        if loss > max_loss:
+            if previous is None:
+                return 0.0
+            s0, l0 = previous
+            return s0 + (max_loss - l0) * (sparsity - s0) / (loss - l0)
+        previous = (sparsity, loss)
+    return previous[0] if previous else 0.0
+
+
+def headline(rows: list[dict]) -> dict[str, float]:
+    by_metric: dict[str, list] = defaultdict(list)
+    for row in rows:
+        by_metric[row["metric"]].append((row["sparsity"], row["accuracy_loss"]))
+    return {metric: max_sparsity_within_loss(points) for metric, points in by_metric.items()}
+
+
+def write_summary(run_dir: Path, rows: list[dict], info: dict) -> dict[str, float]:
+    best = headline(rows)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=["metric", "level", "n", *MEASURES, "accuracy_loss"])
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(run_dir / "summary.csv", buffer.getvalue())
+    summary = {
+        "model": info["config"]["model"]["name"],
+        "dataset": info["dataset"],
+        "fingerprint": info["fingerprint"],
+        "max_sparsity_within_5pct_loss": best,
+        "rows": rows,
+    }
+    atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    return best
+
+
+def format_table(best: dict[str, float], rows: list[dict]) -> str:
+    n = max((r["n"] for r in rows), default=0)
+    lines = [f"max sparsity within {MAX_LOSS:g}% accuracy loss (BLEU vs dense, {n} samples)",
+             f"{'metric':<12}{'sparsity':>10}"]
+    lines += [f"{metric:<12}{value:>10.3f}" for metric, value in sorted(best.items(), key=lambda kv: -kv[1])]
+    return "\n".join(lines)

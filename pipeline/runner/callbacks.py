@@ -1,0 +1,39 @@
+"""Callbacks: install the unit hooks for the whole predict loop; write records as batches finish."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.callbacks import BasePredictionWriter
+
+from pipeline.masking.hooks import hooks_for
+from pipeline.results.store import RECORDS, append_records
+
+
+class MaskingCallback(L.Callback):
+    """Installs the capture/scale/mask hooks when prediction starts and removes them at the end."""
+
+    def on_predict_start(self, trainer, pl_module) -> None:
+        hooks_for(pl_module.model).install()
+
+    def on_predict_end(self, trainer, pl_module) -> None:
+        hooks_for(pl_module.model).remove()
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        hooks_for(pl_module.model).remove()
+
+
+class RecordWriter(BasePredictionWriter):
+    """Appends each batch's records to the run directory (one shard per rank), durably."""
+
+    def __init__(self, run_dir: Path):
+        super().__init__(write_interval="batch")
+        self.run_dir = Path(run_dir)
+
+    def shard(self, trainer) -> Path:
+        name = RECORDS if trainer.world_size == 1 else RECORDS.replace(".jsonl", f".rank{trainer.global_rank}.jsonl")
+        return self.run_dir / name
+
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
+        append_records(self.shard(trainer), prediction)

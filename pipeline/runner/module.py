@@ -1,0 +1,32 @@
+"""The LightningModule: wraps a causal LM; one predict step runs the protocol on a batch."""
+
+from __future__ import annotations
+
+import lightning as L
+
+from pipeline.config import ProtocolConfig
+from pipeline.models.adapters import layout_for
+from pipeline.protocol import evaluate_sample
+
+
+class SparseActivationModule(L.LightningModule):
+    def __init__(self, model, tokenizer, template: str, protocol: ProtocolConfig, task: str, stop_ids: list[int]):
+        super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer
+        self.template = template
+        self.protocol = protocol
+        self.task = task
+        self.stop_ids = stop_ids
+        self.layout = layout_for(model)
+
+    def predict_step(self, batch, batch_idx: int) -> list[dict]:
+        # Records leave through the RecordWriter callback, not through a returned list
+        # that Lightning would accumulate (trainer.predict runs with return_predictions=False).
+        records = []
+        for sample in batch:
+            records.extend(
+                evaluate_sample(self.model, self.tokenizer, self.layout, sample, self.template,
+                                self.protocol, self.task, self.stop_ids)
+            )
+        return records

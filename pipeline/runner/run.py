@@ -1,0 +1,95 @@
+"""One evaluation run: validate, load, predict with Lightning, summarise."""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from dataclasses import asdict
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from pipeline.config import DataConfig, ModelConfig, ProtocolConfig, RunConfig, validate
+from pipeline.data.datamodule import SampleDataModule
+from pipeline.data.sources import dataset_name, load_samples
+from pipeline.errors import UserError
+from pipeline.models.adapters import layout_for
+from pipeline.models.loading import load_model
+from pipeline.models.prompts import resolve_template, stop_token_ids
+from pipeline.results.plot import plot_curves
+from pipeline.results.store import check_run_dir, completed_samples, fingerprint, open_run_dir, read_records
+from pipeline.results.summary import format_table, summarize, write_summary
+from pipeline.runner.callbacks import MaskingCallback, RecordWriter
+from pipeline.runner.module import SparseActivationModule
+
+
+def _quiet() -> None:
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "transformers"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+
+
+def evaluate(
+    model: ModelConfig | None = None,
+    data: DataConfig | None = None,
+    protocol: ProtocolConfig | None = None,
+    run: RunConfig | None = None,
+) -> Path:
+    """Run the protocol and write the run directory; returns its path."""
+    model, data, protocol, run = model or ModelConfig(), data or DataConfig(), protocol or ProtocolConfig(), run or RunConfig()
+    _quiet()
+    validate(model, data, protocol, run)
+    samples, task = load_samples(data)
+    loaded = load_model(model)
+    layout_for(loaded.model)  # unsupported architectures fail here, before any file is written
+    template = resolve_template(model.template, loaded.tokenizer)
+
+    numbers_affecting = {
+        "model": loaded.name, "weights": loaded.weights_id, "dtype": model.dtype, "template": template,
+        "data": asdict(data), "task": task, "protocol": asdict(protocol),
+    }
+    info = {
+        "fingerprint": fingerprint(numbers_affecting),
+        "dataset": dataset_name(data),
+        "config": {"model": asdict(model), "data": asdict(data), "protocol": asdict(protocol), "run": asdict(run)},
+        "numbers_affecting": numbers_affecting,
+    }
+    default_name = f"{Path(model.name).name}__{dataset_name(data)}__{info['fingerprint'][:8]}"
+    run_dir = Path(run.output_dir) if run.output_dir else Path("runs") / default_name
+    check_run_dir(run_dir, info)
+
+    rows_per_sample = len(protocol.metrics) * len(protocol.levels)
+    done = completed_samples(run_dir, rows_per_sample) if run_dir.exists() else set()
+    pending = [s for s in samples if s.id not in done]
+    open_run_dir(run_dir, info)
+    if done:
+        print(f"resuming {run_dir}: {len(samples) - len(pending)} of {len(samples)} samples already done")
+
+    if pending:
+        module = SparseActivationModule(loaded.model, loaded.tokenizer, template, protocol, task,
+                                        stop_token_ids(loaded.tokenizer, loaded.model))
+        trainer = L.Trainer(
+            accelerator=run.accelerator, devices=run.devices, logger=False, enable_checkpointing=False,
+            enable_model_summary=False, enable_progress_bar=run.progress,
+            inference_mode=False,  # attribution needs autograd inside predict_step
+            callbacks=[MaskingCallback(), RecordWriter(run_dir)],
+        )
+        started = time.time()
+        trainer.predict(module, datamodule=SampleDataModule(pending, run.batch_size), return_predictions=False)
+        if trainer.global_rank != 0:
+            return run_dir
+        print(f"evaluated {len(pending)} samples in {time.time() - started:.1f} s")
+
+    records = [r for r in read_records(run_dir) if r["sample_id"] in {s.id for s in samples}]
+    if not records:
+        raise UserError(f"no records in {run_dir}")
+    rows = summarize(records)
+    best = write_summary(run_dir, rows, info)
+    if run.plot:
+        plot_curves(rows, run_dir / "curves.png", f"{model.name} on {dataset_name(data)} ({len(samples)} samples)")
+    print(format_table(best, rows))
+    print(f"results in {run_dir}")
+    return run_dir

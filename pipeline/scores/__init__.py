@@ -1,0 +1,6 @@
+"""Scores: per-token unit importances (SPEC section 4).
+
+``metrics.py`` holds the formulas, ``exact_attention.py`` the attention function that
+makes one backward pass give every token its own gradient, ``attribution.py`` the
+engine that runs the passes.
+"""

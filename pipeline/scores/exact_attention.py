@@ -1,0 +1,112 @@
+"""An attention function whose backward pass keeps every token's gradient to itself.
+
+SPEC section 4 wants, for each generated token t, the gradient of *its* loss L_t with
+respect to the unit outputs at *its* position, earlier positions held fixed: one
+decoding step with a KV cache. A plain backward of ``sum_t L_t`` over the full
+sequence is wrong: position t's keys and values also feed the queries of later
+positions, so later losses leak into t's gradient.
+
+Position mixing happens only in attention, so it is enough that gradient reaches the
+keys and values of position j only from the query of position j itself. This
+function computes ordinary attention values but builds the scores and the weighted
+sum from a *detached* context for all pairs (i, j), then adds back, on the diagonal
+only, the difference between the live key/value and the context (zero in value, but
+carrying the gradient):
+
+    s_ij = q_i . k_ctx_j + [i == j] (q_i . k_i - q_i . k_ctx_i)
+    o_i  = sum_j p_ij v_ctx_j + p_ii (v_i - v_ctx_i)
+
+With ``k_ctx = k.detach()`` the forward numbers equal eager attention and
+``d(sum_t L_t)/dx_{l,t} = dL_t/dx_{l,t}`` exactly, for all tokens and layers at once.
+For integrated gradients the context is a *recorded* dense pass: a scaled pass then
+sees the dense, unscaled states of earlier positions, as a decoding step would.
+
+The function is registered with transformers' ``AttentionInterface`` (and the eager
+mask function under the same name, so causal and sliding-window masks arrive as
+additive 4-D tensors), so it works for every model that dispatches through that
+interface, grouped-query and sliding-window layers included, without touching any
+modeling code.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+IMPLEMENTATION = "sparseact_exact"
+
+
+class _Context:
+    """Where the detached keys/values come from: ``live`` (this pass), ``record`` or ``replay``."""
+
+    mode = "live"
+    store: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def exact_attention_forward(
+    module, query, key, value, attention_mask, scaling=None, dropout=0.0, softcap=None, **kwargs
+):
+    if query.shape[-2] != key.shape[-2]:
+        raise RuntimeError(f"{IMPLEMENTATION} attention needs the full sequence in one pass (no KV cache)")
+    groups = query.shape[1] // key.shape[1]
+    if groups > 1:  # grouped-query attention: the unit is the query head
+        key = key.repeat_interleave(groups, dim=1)
+        value = value.repeat_interleave(groups, dim=1)
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+
+    if _Context.mode == "replay":
+        key_ctx, value_ctx = _Context.store[id(module)]
+    else:
+        key_ctx, value_ctx = key.detach(), value.detach()
+        if _Context.mode == "record":
+            _Context.store[id(module)] = (key_ctx, value_ctx)
+
+    own = (query * key).sum(-1) - (query * key_ctx).sum(-1)  # zero in value unless replaying
+    scores = (torch.matmul(query, key_ctx.transpose(-1, -2)) + torch.diag_embed(own)) * scaling
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    seq = query.shape[-2]
+    if attention_mask is not None:
+        scores = scores + attention_mask[..., :seq]
+    else:
+        causal = torch.ones(seq, seq, dtype=torch.bool, device=query.device).triu(1)
+        scores = scores.masked_fill(causal, float("-inf"))
+    # softmax in at least fp32, as eager attention does (and in fp64 for fp64 models)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(query.dtype)
+    out = torch.matmul(probs, value_ctx) + probs.diagonal(dim1=-2, dim2=-1).unsqueeze(-1) * (value - value_ctx)
+    return out.transpose(1, 2).contiguous(), probs
+
+
+AttentionInterface.register(IMPLEMENTATION, exact_attention_forward)
+AttentionMaskInterface.register(IMPLEMENTATION, eager_mask)
+
+
+def _set_implementation(model, name: str) -> None:
+    for config in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
+        config._attn_implementation = name
+
+
+@contextmanager
+def exact_attention(model, mode: str = "live"):
+    """Run ``model`` with the per-token-exact attention inside the block.
+
+    ``mode``: ``live`` (context = this pass, detached), ``record`` (same, and keep it)
+    or ``replay`` (context = the recorded pass; call ``forget_recorded`` after).
+    """
+    previous = model.config._attn_implementation
+    _set_implementation(model, IMPLEMENTATION)
+    _Context.mode = mode
+    try:
+        yield
+    finally:
+        _Context.mode = "live"
+        _set_implementation(model, previous)
+
+
+def forget_recorded() -> None:
+    """Drop the keys/values kept by a ``record`` pass."""
+    _Context.store = {}
