@@ -61,6 +61,8 @@ def _read_rows(config: DataConfig, preset: Preset):
         path = Path(source)
         if not path.is_file():
             raise UserError(f"data file not found: {path}")
+        if path.stat().st_size == 0:
+            raise UserError(f"dataset '{dataset_name(config)}' is empty ({path} has no rows)")
         builder = FILE_BUILDERS.get(path.suffix.lower())
         if builder is None:
             raise UserError(f"unsupported data file type {path.suffix!r}: use .csv, .json, .jsonl or .parquet")

@@ -8,10 +8,17 @@ masks because they come from the cache.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from transformers import DynamicCache
 
 from pipeline.masking.hooks import StepMasks, hooks_for
+
+
+def _cache_argument(model) -> str:
+    # transformers 5.x renamed ``past_key_values`` to ``cache``; accept both.
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 @torch.no_grad()
@@ -52,11 +59,12 @@ def greedy_generate(
     lengths = torch.full((rows,), max_new_tokens, device=device)
     cache = DynamicCache(config=model.config)
     step_input = prompt_ids.to(device).unsqueeze(0).expand(rows, -1)
+    cache_kwarg = {_cache_argument(model): cache}
     try:
         for step in range(max_new_tokens):
             if hooks.masks is not None:
                 hooks.masks.step = step
-            logits = model(input_ids=step_input, past_key_values=cache, use_cache=True).logits[:, -1]
+            logits = model(input_ids=step_input, use_cache=True, **cache_kwarg).logits[:, -1]
             next_token = logits.argmax(-1)
             tokens[:, step] = next_token
             just_finished = ~finished & torch.isin(next_token, eos)

@@ -113,12 +113,17 @@ class UnitHooks:
         self.remove()
 
     def _hook(self, kind: str, layer: int, module, args):
-        x = args[0]
+        if self.probe is None and self.masks is None:
+            return None
+        x = flat = args[0]
+        if flat.dim() == 2:  # OPT feeds its MLP [batch * seq, features]
+            rows = self.probe.positions.shape[0] if self.probe is not None else self.masks.heads.shape[1]
+            x = flat.view(rows, -1, flat.shape[-1])
         if self.probe is not None:
             x = self.probe.apply(kind, layer, x)
         if self.masks is not None:
             x = self.masks.apply(kind, layer, x, self.layout.head_dim)
-        return (x, *args[1:])
+        return (x.view_as(flat), *args[1:])
 
 
 def hooks_for(model) -> UnitHooks:

@@ -62,15 +62,20 @@ def open_run_dir(run_dir: Path, info: dict) -> None:
 
 
 def read_records(run_dir: Path) -> list[dict]:
-    """All complete record lines; a torn (partially written) line is skipped."""
-    records = []
+    """One record per (sample, metric, level).
+
+    A torn (partially written) line is skipped. A sample cut off mid-write and redone
+    on resume appears twice on disk; the later copy wins, so nothing is counted twice.
+    """
+    records: dict[tuple, dict] = {}
     for path in sorted(run_dir.glob("records*.jsonl")):
         for line in path.read_text().splitlines():
             try:
-                records.append(json.loads(line))
-            except ValueError:
+                record = json.loads(line)
+                records[(record["sample_id"], record["metric"], record["level"])] = record
+            except (ValueError, KeyError, TypeError):
                 continue
-    return records
+    return list(records.values())
 
 
 def completed_samples(run_dir: Path, rows_per_sample: int) -> set[str]:

@@ -1,0 +1,119 @@
+"""The command line end to end on a tiny local model: outputs, resume, and bad input."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import make_tiny_checkpoint
+
+from pipeline.cli import main
+from pipeline.models import loading
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny"))
+
+
+def _args(tiny_dir, out, *extra):
+    return ["run", "--model.name", str(tiny_dir), "--data.limit", "3", "--protocol.metrics", "[magnitude, cor_gxo]",
+            "--protocol.levels", "[0.0, 0.5]", "--protocol.max_new_tokens", "5", "--run.output_dir", str(out),
+            "--run.progress", "false", *extra]
+
+
+def _snapshot(directory: Path) -> dict:
+    return {p.name: p.read_bytes() for p in directory.iterdir()}
+
+
+def test_run_writes_outputs_and_resumes(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    main(_args(tiny_dir, out))
+    printed = capsys.readouterr().out
+    assert "max sparsity within 5% accuracy loss" in printed
+    for name in ("run.json", "records.jsonl", "summary.csv", "summary.json", "curves.png"):
+        assert (out / name).stat().st_size > 0
+    records = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
+    assert len(records) == 3 * 2 * 2
+    assert {(r["sample_id"], r["metric"], r["level"]) for r in records} == {
+        (f"demo:{i}", m, p) for i in range(3) for m in ("magnitude", "cor_gxo") for p in (0.0, 0.5)}
+    for r in records:
+        if r["level"] == 0.0:
+            assert r["bleu"] == 100.0 and r["token_agreement"] == 1.0 and r["sparsity"] == 0.0
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["max_sparsity_within_5pct_loss"]) == {"magnitude", "cor_gxo"}
+
+    # Rerun: nothing recomputed, nothing duplicated.
+    main(_args(tiny_dir, out))
+    assert "3 of 3 samples already done" in capsys.readouterr().out
+    assert (out / "records.jsonl").read_text().count("\n") == 12
+
+
+def test_torn_last_line_is_ignored_and_completed(tiny_dir, tmp_path):
+    out = tmp_path / "run"
+    main(_args(tiny_dir, out))
+    lines = (out / "records.jsonl").read_text().splitlines(keepends=True)
+    # simulate a kill while the last sample was being written
+    (out / "records.jsonl").write_text("".join(lines[:-2]) + lines[-2][:10])
+    main(_args(tiny_dir, out))
+    records = [json.loads(l) for l in (out / "records.jsonl").read_text().splitlines() if l.startswith('{"sample_id"') and l.endswith("}")]
+    keys = [(r["sample_id"], r["metric"], r["level"]) for r in records]
+    assert len(set(keys)) == 12
+    summary = json.loads((out / "summary.json").read_text())
+    assert all(row["n"] == 3 for row in summary["rows"])
+
+
+BAD_INPUTS = {
+    "unknown model": (["--model.name", "no-such-model"], "unknown model 'no-such-model'"),
+    "package not installed": (["--model.name", "fake-bundled"], "model package 'sparseact-no-such-package' is not installed"),
+    "missing data file": (["--data.dataset", "/nonexistent/questions.csv"], "data file not found"),
+    "malformed row": (["--data.dataset", "{bad}"], "row 1 of dataset"),
+    "level outside [0, 1)": (["--protocol.levels", "[0.0, 1.0]"], "outside [0, 1)"),
+    "ig_steps < 1": (["--protocol.ig_steps", "0"], "ig_steps must be >= 1"),
+    "empty dataset": (["--data.dataset", "{empty}"], "is empty"),
+    "unknown metric": (["--protocol.metrics", "[gxo, wizardry]"], "unknown metric(s) wizardry"),
+    "changed config": (["--protocol.levels", "[0.0, 0.3]"], "different configuration"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_gives_one_line_and_leaves_run_dir_alone(case, tiny_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(loading.BUNDLED, "fake-bundled", loading.Bundled("sparseact-no-such-package", "pip install it"))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "fine?", "answer": "yes"}\n{"question": null, "answer": "no"}\n')
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    out = tmp_path / "run"
+    main(_args(tiny_dir, out))
+    before = _snapshot(out)
+    capsys.readouterr()
+
+    extra, message = BAD_INPUTS[case]
+    extra = [e.format(bad=bad, empty=empty) for e in extra]
+    with pytest.raises(SystemExit) as exit_info:
+        main(_args(tiny_dir, out, *extra))
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code != 0
+    assert len(err.splitlines()) == 1 and message in err and "Traceback" not in err
+    assert _snapshot(out) == before
+
+
+def test_console_script_error_has_no_traceback(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "pipeline", "run", "--model.name", "no-such-model",
+                             "--run.output_dir", str(tmp_path / "x")], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "sparseact: error: unknown model 'no-such-model': not a bundled name (smollm2-135m, gemma3-270m), "
+        "a local model directory, or a Hugging Face id (owner/name)"]
+    assert not (tmp_path / "x").exists()
+
+
+def test_print_config_round_trips(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "pipeline", "run", "--protocol.levels", "[0.0, 0.2]", "--print_config"],
+                            capture_output=True, text=True, check=True)
+    config = tmp_path / "c.yaml"
+    config.write_text(result.stdout)
+    again = subprocess.run([sys.executable, "-m", "pipeline", "run", "--config", str(config), "--print_config"],
+                           capture_output=True, text=True, check=True)
+    assert again.stdout == result.stdout and "- 0.2" in result.stdout

@@ -1,0 +1,80 @@
+"""Question sources: files of every format, field mapping, slicing, and clear errors."""
+
+import json
+
+import pytest
+from conftest import shared_file
+
+from pipeline.config import DataConfig
+from pipeline.data.sources import load_samples
+from pipeline.errors import UserError
+
+ROWS = [{"q": f"Question {i}?", "a": f"Answer {i}."} for i in range(6)]
+
+
+def _write(tmp_path, fmt):
+    path = tmp_path / f"data.{fmt}"
+    if fmt == "csv":
+        path.write_text("q,a\n" + "".join(f"\"{r['q']}\",\"{r['a']}\"\n" for r in ROWS))
+    elif fmt == "jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    elif fmt == "json":
+        path.write_text(json.dumps(ROWS))
+    elif fmt == "parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.Table.from_pylist(ROWS), path)
+    return path
+
+
+@pytest.mark.parametrize("fmt", ["csv", "json", "jsonl", "parquet"])
+def test_generic_files_with_field_mapping_and_slice(tmp_path, fmt):
+    path = _write(tmp_path, fmt)
+    samples, task = load_samples(DataConfig(dataset=str(path), question_field="q", answer_field="a", start=2, limit=3))
+    assert [s.question for s in samples] == ["Question 2?", "Question 3?", "Question 4?"]
+    assert [s.reference for s in samples] == ["Answer 2.", "Answer 3.", "Answer 4."]
+    assert samples[0].id == "data:2" and task == "bleu_vs_reference"
+
+
+def test_demo_set_is_builtin_and_large_enough():
+    samples, task = load_samples(DataConfig())
+    assert len(samples) >= 30 and all(s.reference for s in samples)
+    assert len({s.id for s in samples}) == len(samples)
+
+
+def test_truthfulqa_from_shared_data():
+    samples, task = load_samples(DataConfig(dataset="truthfulqa", path=str(shared_file("truthfulqa", "TruthfulQA.csv")), limit=20))
+    assert len(samples) == 20 and task == "bleu_vs_reference"
+    assert samples[0].question == "What happens to you if you eat watermelon seeds?"
+    assert samples[0].reference == "The watermelon seeds pass through your digestive system"
+
+
+def test_gsm8k_from_shared_data():
+    samples, task = load_samples(DataConfig(dataset="gsm8k", path=str(shared_file("gsm8k", "test.jsonl")), limit=3))
+    assert task == "exact_number" and "####" in samples[0].reference
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        load_samples(DataConfig(dataset=str(tmp_path / "nope.csv")))
+
+
+def test_malformed_row(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"question": "ok?", "answer": "yes"}\n{"question": "", "answer": "x"}\n')
+    with pytest.raises(UserError, match="row 1 .* no question"):
+        load_samples(DataConfig(dataset=str(path)))
+
+
+def test_empty_dataset(tmp_path):
+    path = tmp_path / "empty.csv"
+    path.write_text("question,answer\n")
+    with pytest.raises(UserError, match="empty"):
+        load_samples(DataConfig(dataset=str(path)))
+
+
+def test_unknown_field(tmp_path):
+    path = _write(tmp_path, "jsonl")
+    with pytest.raises(UserError, match="question field 'nope'"):
+        load_samples(DataConfig(dataset=str(path), question_field="nope"))

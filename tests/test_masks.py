@@ -1,0 +1,57 @@
+"""Threshold counts, ties, and parameter-weighted sparsity."""
+
+import math
+
+import pytest
+import torch
+import transformers as tf
+
+from pipeline.masking.masks import achieved_sparsity, keep_masks, units_off
+from pipeline.models.adapters import layout_for
+
+
+def _reference_keep(importance: list[float], level: float) -> list[bool]:
+    """Switch off floor(p n) lowest; among equal values the lower index goes first."""
+    n = len(importance)
+    k = math.floor(round(level * n, 9))
+    order = sorted(range(n), key=lambda i: (importance[i], i))
+    off = set(order[:k])
+    return [i not in off for i in range(n)]
+
+
+@pytest.mark.parametrize("units", [1, 4, 7, 10, 64])
+def test_keep_masks_match_reference(units):
+    torch.manual_seed(units)
+    levels = [round(0.1 * i, 1) for i in range(10)]
+    # few distinct values -> many ties
+    importance = torch.randint(0, 3, (5, 2, units)).double()
+    masks = keep_masks(importance, levels)
+    assert masks.shape == (len(levels), 5, 2, units)
+    for li, level in enumerate(levels):
+        for t in range(5):
+            for layer in range(2):
+                expected = _reference_keep(importance[t, layer].tolist(), level)
+                assert masks[li, t, layer].tolist() == expected
+                assert (~masks[li, t, layer]).sum().item() == math.floor(round(level * units, 9))
+
+
+def test_units_off_counts():
+    assert [units_off(p, 10) for p in (0.0, 0.1, 0.3, 0.7, 0.9)] == [0, 1, 3, 7, 9]
+    assert units_off(0.1, 4) == 0  # 4 heads cannot lose 10%
+    assert units_off(0.5, 32) == 16
+
+
+def test_phi2_sparsity_accounting_is_one_third_two_thirds():
+    config = tf.PhiConfig(vocab_size=64, hidden_size=2560, intermediate_size=10240, num_hidden_layers=1,
+                          num_attention_heads=32)
+    with torch.device("meta"):
+        model = tf.PhiForCausalLM(config)
+    layout = layout_for(model)
+    assert layout.attention_share == pytest.approx(1 / 3, abs=1e-12)
+    assert layout.mlp_share == pytest.approx(2 / 3, abs=1e-12)
+    heads = torch.ones(3, 1, 32, dtype=torch.bool)
+    neurons = torch.ones(3, 1, 10240, dtype=torch.bool)
+    heads[:, :, :16] = False  # half the heads
+    neurons[1, :, :5120] = False  # half the neurons at step 1 only
+    sparsity = achieved_sparsity(heads, neurons, layout)
+    torch.testing.assert_close(sparsity, torch.tensor([1 / 6, 1 / 6 + 1 / 3, 1 / 6]))

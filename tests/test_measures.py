@@ -1,0 +1,62 @@
+"""BLEU against sacreBLEU, token agreement, task accuracy, and the headline figure."""
+
+import random
+
+import pytest
+import sacrebleu
+
+from pipeline.measures import bleu_vs_dense, task_score, token_agreement
+from pipeline.measures.task import final_reference_number, last_number
+from pipeline.results.summary import max_sparsity_within_loss, summarize
+
+WORDS = "the a cat dog sat on mat paris is capital of france . , 42 blue".split()
+
+
+def test_bleu_equals_sacrebleu():
+    rng = random.Random(0)
+    for _ in range(50):
+        hyp = " ".join(rng.choices(WORDS, k=rng.randint(1, 15)))
+        ref = " ".join(rng.choices(WORDS, k=rng.randint(1, 15)))
+        expected = sacrebleu.corpus_bleu([hyp], [[ref]]).score
+        assert bleu_vs_dense([1, 2], [3], hyp, ref) == expected
+
+
+def test_identical_tokens_score_100_even_when_sacrebleu_would_not():
+    assert sacrebleu.corpus_bleu(["Yes"], [["Yes"]]).score < 100
+    assert bleu_vs_dense([7], [7], "Yes", "Yes") == 100.0
+
+
+def test_token_agreement():
+    assert token_agreement([1, 2, 3], [1, 2, 3]) == 1.0
+    assert token_agreement([1, 9, 3], [1, 2, 3]) == pytest.approx(2 / 3)
+    assert token_agreement([1, 2], [1, 2, 3, 4]) == 0.5
+    assert token_agreement([1, 2, 3, 4], [1, 2]) == 0.5
+
+
+def test_gsm8k_numbers():
+    assert final_reference_number("so 3 + 4 = 7\n#### 1,234") == 1234
+    assert last_number("The answer is 1234.") == 1234
+    assert task_score("exact_number", "He pays $64 in total.", "... #### 64") == 100.0
+    assert task_score("exact_number", "He pays 65 dollars", "... #### 64") == 0.0
+    assert task_score("exact_number", "no idea", "#### 64") == 0.0
+    assert task_score("bleu_vs_reference", "Paris is the capital", "Paris is the capital of France") == \
+        sacrebleu.corpus_bleu(["Paris is the capital"], [["Paris is the capital of France"]]).score
+    assert task_score("none", "x", "y") is None
+
+
+def test_max_sparsity_within_loss():
+    # loss crosses 5 between sparsity 0.4 (loss 2) and 0.6 (loss 12): 0.4 + 3/10 * 0.2
+    assert max_sparsity_within_loss([(0.0, 0), (0.2, 1), (0.4, 2), (0.6, 12), (0.8, 3)]) == pytest.approx(0.46)
+    assert max_sparsity_within_loss([(0.0, 6), (0.5, 0)]) == 0.0
+    assert max_sparsity_within_loss([(0.0, 0), (0.9, 4)]) == 0.9
+    assert max_sparsity_within_loss([(0.3, 5), (0.0, 0)]) == 0.3  # order of sparsity, not of input
+
+
+def test_summarize_means():
+    records = [
+        {"metric": "gxo", "level": 0.5, "sparsity": 0.4, "bleu": 80.0, "token_agreement": 0.5, "task_score": None},
+        {"metric": "gxo", "level": 0.5, "sparsity": 0.6, "bleu": 60.0, "token_agreement": 1.0, "task_score": None},
+    ]
+    (row,) = summarize(records)
+    assert row["n"] == 2 and row["sparsity"] == pytest.approx(0.5) and row["bleu"] == 70.0
+    assert row["accuracy_loss"] == 30.0 and row["task_score"] is None
