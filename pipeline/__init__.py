@@ -1,0 +1,30 @@
+"""sparseact: training-free evaluation of sparse activation in small language models.
+
+Library entry points:
+
+* ``attribute(model, prompt_ids, label_ids, metrics)``: per-token scores of every
+  attention head ``[tokens, layers, heads]`` and MLP neuron ``[tokens, layers, neurons]``.
+* ``keep_masks(importance, levels)``: switch off the lowest ``floor(p * n)`` units per layer.
+* ``masked_generate(model, prompt_ids, head_keep, neuron_keep, eos_token_ids)``:
+  greedy decoding with per-step masks.
+* ``evaluate(...)``: a whole run, as ``sparseact run`` does it.
+"""
+
+from pipeline.masking.generation import masked_generate
+from pipeline.masking.masks import achieved_sparsity, keep_masks
+from pipeline.models.adapters import ADAPTERS, layout_for
+from pipeline.scores.attribution import UnitScores, attribute
+from pipeline.scores.metrics import DEFAULT_METRICS, METRICS
+
+
+def evaluate(*args, **kwargs):
+    """Run the whole protocol; see ``pipeline.runner.run.evaluate``."""
+    from pipeline.runner.run import evaluate as _evaluate
+
+    return _evaluate(*args, **kwargs)
+
+
+__all__ = [
+    "ADAPTERS", "DEFAULT_METRICS", "METRICS", "UnitScores", "achieved_sparsity", "attribute", "evaluate",
+    "keep_masks", "layout_for", "masked_generate",
+]

@@ -4,6 +4,9 @@ All rows share one prompt, so many (metric, level) mask sets decode together in 
 batch. At step t the hooks multiply the units at the position being computed by the
 row's mask for token t; earlier positions keep the states they got under their own
 masks because they come from the cache.
+
+Positions before the last prompt token are dense in every row, so they are computed
+once with batch 1 and the cache is then repeated for all rows.
 """
 
 from __future__ import annotations
@@ -16,9 +19,13 @@ from transformers import DynamicCache
 from pipeline.masking.hooks import StepMasks, hooks_for
 
 
-def _cache_argument(model) -> str:
-    # transformers 5.x renamed ``past_key_values`` to ``cache``; accept both.
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+def _forward_arguments(model) -> tuple[str, str | None]:
+    # transformers 5.x renamed ``past_key_values`` to ``cache``; older releases call
+    # ``logits_to_keep`` ``num_logits_to_keep`` or lack it.
+    names = inspect.signature(model.forward).parameters
+    cache = "cache" if "cache" in names else "past_key_values"
+    keep = next((k for k in ("logits_to_keep", "num_logits_to_keep") if k in names), None)
+    return cache, keep
 
 
 @torch.no_grad()
@@ -45,26 +52,33 @@ def greedy_generate(
     rows = 1 if head_keep is None else head_keep.shape[0]
     hooks = hooks_for(model)
     temporary = not hooks.installed
-    if head_keep is not None:
-        hooks.install()
-        dtype = next(model.parameters()).dtype
-        # [steps, rows, layers, units]: one contiguous slice per decoding step.
-        hooks.masks = StepMasks(
-            heads=head_keep.to(device=device, dtype=dtype).transpose(0, 1).contiguous(),
-            neurons=neuron_keep.to(device=device, dtype=dtype).transpose(0, 1).contiguous(),
-        )
-    eos = torch.tensor(eos_token_ids, device=device)
+    cache_name, keep_name = _forward_arguments(model)
+    cache = DynamicCache(config=model.config)
+    last_only = {keep_name: 1} if keep_name else {}
+    prompt_ids = prompt_ids.to(device).unsqueeze(0)
+
+    eos = torch.tensor(eos_token_ids, device=device, dtype=torch.long)
     tokens = torch.zeros(rows, max_new_tokens, dtype=torch.long, device=device)
     finished = torch.zeros(rows, dtype=torch.bool, device=device)
     lengths = torch.full((rows,), max_new_tokens, device=device)
-    cache = DynamicCache(config=model.config)
-    step_input = prompt_ids.to(device).unsqueeze(0).expand(rows, -1)
-    cache_kwarg = {_cache_argument(model): cache}
     try:
+        if prompt_ids.shape[1] > 1:  # the dense prefix, once
+            model(input_ids=prompt_ids[:, :-1], use_cache=True, **{cache_name: cache}, **last_only)
+            if rows > 1:
+                cache.batch_repeat_interleave(rows)
+        if head_keep is not None:
+            hooks.install()
+            dtype = next(model.parameters()).dtype
+            # [steps, rows, layers, units]: one contiguous slice per decoding step.
+            hooks.masks = StepMasks(
+                heads=head_keep.to(device=device, dtype=dtype).transpose(0, 1).contiguous(),
+                neurons=neuron_keep.to(device=device, dtype=dtype).transpose(0, 1).contiguous(),
+            )
+        step_input = prompt_ids[:, -1:].expand(rows, 1)
         for step in range(max_new_tokens):
             if hooks.masks is not None:
                 hooks.masks.step = step
-            logits = model(input_ids=step_input, use_cache=True, **cache_kwarg).logits[:, -1]
+            logits = model(input_ids=step_input, use_cache=True, **{cache_name: cache}, **last_only).logits[:, -1]
             next_token = logits.argmax(-1)
             tokens[:, step] = next_token
             just_finished = ~finished & torch.isin(next_token, eos)

@@ -9,7 +9,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import lightning as L
-import torch
+from lightning.pytorch.callbacks import TQDMProgressBar
 
 from pipeline.config import DataConfig, ModelConfig, ProtocolConfig, RunConfig, validate
 from pipeline.data.datamodule import SampleDataModule
@@ -75,7 +75,8 @@ def evaluate(
             accelerator=run.accelerator, devices=run.devices, logger=False, enable_checkpointing=False,
             enable_model_summary=False, enable_progress_bar=run.progress,
             inference_mode=False,  # attribution needs autograd inside predict_step
-            callbacks=[MaskingCallback(), RecordWriter(run_dir)],
+            # tqdm rather than rich: it also leaves readable progress lines in batch-job logs
+            callbacks=[MaskingCallback(), RecordWriter(run_dir)] + ([TQDMProgressBar()] if run.progress else []),
         )
         started = time.time()
         trainer.predict(module, datamodule=SampleDataModule(pending, run.batch_size), return_predictions=False)
