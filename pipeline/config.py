@@ -99,8 +99,10 @@ class RunConfig:
     """Lightning accelerator: auto, cpu, gpu."""
     devices: int | str = 1
     """Devices per node."""
-    batch_size: int = 1
-    """Questions per predict step."""
+    batch_size: int | None = None
+    """Questions per predict step (their attribution shares one pass). Default: 1 on CPU,
+    16 on GPU; a batch that does not fit in GPU memory is split automatically. Records
+    are written per batch, so a killed run redoes at most one batch."""
     progress: bool = True
     """Show a progress bar."""
     plot: bool = True
@@ -115,5 +117,5 @@ def validate(model: ModelConfig, data: DataConfig, protocol: ProtocolConfig, run
         raise UserError(f"unknown task measure {data.task!r}; choose from {', '.join(TASK_MEASURES)}")
     if data.start < 0 or (data.limit is not None and data.limit < 1):
         raise UserError("data.start must be >= 0 and data.limit >= 1")
-    if run.batch_size < 1:
+    if run.batch_size is not None and run.batch_size < 1:
         raise UserError("batch_size must be >= 1")

@@ -15,29 +15,57 @@ from pipeline.masking.masks import achieved_sparsity, keep_masks
 from pipeline.measures import bleu_vs_dense, task_score, token_agreement
 from pipeline.models.adapters import UnitLayout
 from pipeline.models.prompts import answer_length, prompt_ids
-from pipeline.scores.attribution import attribute
+from pipeline.scores.attribution import attribute_batch
 
 
-def evaluate_sample(
+def evaluate_batch(
     model,
     tokenizer,
     layout: UnitLayout,
-    sample: Sample,
+    samples: list[Sample],
     template: str,
     protocol: ProtocolConfig,
     task: str,
     stop_ids: list[int],
 ) -> list[dict]:
-    """All (metric, level) records of one sample."""
-    prompt = torch.tensor(prompt_ids(tokenizer, template, sample.question))
-    steps = answer_length(tokenizer, sample.reference, protocol.max_new_tokens)
+    """All (metric, level) records of a batch of samples.
+
+    Attribution runs once for the whole batch; decoding runs per sample, each sample's
+    (metric, level) rows in one batch that shares the sample's unpadded prompt, so the
+    dense run and every masked row see exactly the same prompt computation.
+    """
+    prompts = [torch.tensor(prompt_ids(tokenizer, template, s.question)) for s in samples]
 
     # Labels: what the dense model says (SPEC section 3).
-    dense = greedy_generate(model, prompt, steps, stop_ids)[0]
-    labels = torch.tensor(dense)
+    dense = [
+        greedy_generate(model, prompt, answer_length(tokenizer, s.reference, protocol.max_new_tokens), stop_ids)[0]
+        for s, prompt in zip(samples, prompts)
+    ]
 
-    # Scores [T, layers, units] per metric, then keep masks [levels, T, layers, units].
-    scores = attribute(model, prompt, labels, protocol.metrics, protocol.ig_steps)
+    # Scores [T, layers, units] per metric and sample.
+    scores = _attribute_fitting(model, prompts, [torch.tensor(d) for d in dense], protocol)
+
+    records = []
+    for sample, prompt, labels, sample_scores in zip(samples, prompts, dense, scores):
+        records += _masked_runs(model, tokenizer, layout, sample, prompt, labels, sample_scores, protocol, task, stop_ids)
+    return records
+
+
+def _attribute_fitting(model, prompts, labels, protocol: ProtocolConfig):
+    """Attribute the whole batch; on out-of-memory, split it in halves (down to one sample)."""
+    try:
+        return attribute_batch(model, prompts, labels, protocol.metrics, protocol.ig_steps)
+    except torch.OutOfMemoryError:
+        if len(prompts) == 1:
+            raise
+        torch.cuda.empty_cache()
+        half = len(prompts) // 2
+        return (_attribute_fitting(model, prompts[:half], labels[:half], protocol)
+                + _attribute_fitting(model, prompts[half:], labels[half:], protocol))
+
+
+def _masked_runs(model, tokenizer, layout, sample, prompt, dense, scores, protocol, task, stop_ids) -> list[dict]:
+    # Keep masks [levels, T, layers, units] per metric, stacked into rows.
     head_keep = torch.cat([keep_masks(scores[m].heads, protocol.levels) for m in protocol.metrics])
     neuron_keep = torch.cat([keep_masks(scores[m].neurons, protocol.levels) for m in protocol.metrics])
     if protocol.dense_first_step:
@@ -50,6 +78,7 @@ def evaluate_sample(
 
     decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True).strip()  # noqa: E731
     dense_text = decode(dense)
+    dense_task = task_score(task, dense_text, sample.reference)
     records = []
     rows = [(m, p) for m in protocol.metrics for p in protocol.levels]
     for row, ((metric, level), tokens) in enumerate(zip(rows, outputs)):
@@ -63,7 +92,7 @@ def evaluate_sample(
             "bleu": bleu_vs_dense(tokens, dense, text, dense_text),
             "token_agreement": token_agreement(tokens, dense),
             "task_score": task_score(task, text, sample.reference),
-            "dense_task_score": task_score(task, dense_text, sample.reference),
+            "dense_task_score": dense_task,
             "n_tokens": len(tokens),
             "n_dense_tokens": len(dense),
             "output": text,

@@ -150,3 +150,49 @@ def test_attribution_leaves_the_model_untouched():
     after = model(input_ids=PROMPT.unsqueeze(0)).logits
     assert torch.equal(before, after)
     assert model.config._attn_implementation != "sparseact_exact"
+
+
+BATCH = [
+    (torch.tensor([3, 17, 42, 8, 23]), torch.tensor([12, 77, 30, 4, 51, 9])),
+    (torch.tensor([5, 9]), torch.tensor([60, 2, 33])),
+    (torch.tensor([7, 1, 88, 14, 19, 26, 40, 2]), torch.tensor([45, 6])),
+]
+
+
+def _reference_for(model, prompt, labels, metric):
+    global PROMPT, LABELS
+    saved = PROMPT, LABELS
+    PROMPT, LABELS = prompt, labels
+    try:
+        return _reference_scores(model, metric)
+    finally:
+        PROMPT, LABELS = saved
+
+
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+@pytest.mark.parametrize("arch", ["llama", "phi", "gemma3"])
+def test_batched_samples_of_different_lengths(arch, padding_side):
+    from pipeline.scores.attribution import attribute_batch
+
+    model = tiny_model(arch)
+    results = attribute_batch(model, [p for p, _ in BATCH], [y for _, y in BATCH], metrics=METRICS, ig_steps=3,
+                              padding_side=padding_side)
+    for (prompt, labels), result in zip(BATCH, results):
+        for metric in METRICS:
+            heads, neurons = _reference_for(model, prompt, labels, metric)
+            assert result[metric].heads.shape == heads.shape
+            _assert_close(result[metric].heads, heads)
+            _assert_close(result[metric].neurons, neurons)
+
+
+@pytest.mark.parametrize("arch", ["opt", "gpt2", "gpt_neox", "qwen2", "phi3", "mistral"])
+def test_batched_left_padding_other_architectures(arch):
+    from pipeline.scores.attribution import attribute_batch
+
+    model = tiny_model(arch)
+    results = attribute_batch(model, [p for p, _ in BATCH], [y for _, y in BATCH], metrics=["cor_gxo"],
+                              padding_side="left")
+    for (prompt, labels), result in zip(BATCH, results):
+        heads, neurons = _reference_for(model, prompt, labels, "cor_gxo")
+        _assert_close(result["cor_gxo"].heads, heads)
+        _assert_close(result["cor_gxo"].neurons, neurons)

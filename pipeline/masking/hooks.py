@@ -36,6 +36,7 @@ class Probe:
     """
 
     positions: torch.Tensor
+    valid: torch.Tensor | None = None  # [batch, T]; padded tokens point at a real position and must not scale it
     scale: tuple[str, int, torch.Tensor] | None = None
     only: tuple[str, int] | None = None
     outputs: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)
@@ -50,7 +51,10 @@ class Probe:
         delta = probe
         if self.scale is not None and self.scale[:2] == (kind, layer):
             alpha = self.scale[2].to(x.dtype).view(-1, 1, 1)
-            delta = delta + (alpha - 1) * at_positions
+            shift = (alpha - 1) * at_positions
+            if self.valid is not None:
+                shift = shift * self.valid.unsqueeze(-1)
+            delta = delta + shift
         self.outputs[(kind, layer)] = at_positions.detach()
         self.probes[(kind, layer)] = probe
         return x.scatter_add(1, index, delta)

@@ -6,7 +6,7 @@ import lightning as L
 
 from pipeline.config import ProtocolConfig
 from pipeline.models.adapters import layout_for
-from pipeline.protocol import evaluate_sample
+from pipeline.protocol import evaluate_batch
 
 
 class SparseActivationModule(L.LightningModule):
@@ -23,10 +23,5 @@ class SparseActivationModule(L.LightningModule):
     def predict_step(self, batch, batch_idx: int) -> list[dict]:
         # Records leave through the RecordWriter callback, not through a returned list
         # that Lightning would accumulate (trainer.predict runs with return_predictions=False).
-        records = []
-        for sample in batch:
-            records.extend(
-                evaluate_sample(self.model, self.tokenizer, self.layout, sample, self.template,
-                                self.protocol, self.task, self.stop_ids)
-            )
-        return records
+        return evaluate_batch(self.model, self.tokenizer, self.layout, batch, self.template,
+                              self.protocol, self.task, self.stop_ids)

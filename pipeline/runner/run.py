@@ -9,6 +9,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import TQDMProgressBar
 
 from pipeline.config import DataConfig, ModelConfig, ProtocolConfig, RunConfig, validate
@@ -23,6 +24,15 @@ from pipeline.results.store import check_run_dir, completed_samples, fingerprint
 from pipeline.results.summary import format_table, summarize, write_summary
 from pipeline.runner.callbacks import MaskingCallback, RecordWriter
 from pipeline.runner.module import SparseActivationModule
+
+
+def peak_memory_gib() -> float:
+    """Peak GPU memory allocated, or the process's peak resident memory on CPU."""
+    if torch.cuda.is_available() and torch.cuda.max_memory_allocated() > 0:
+        return torch.cuda.max_memory_allocated() / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is in KiB on Linux
 
 
 def _quiet() -> None:
@@ -78,11 +88,12 @@ def evaluate(
             # tqdm rather than rich: it also leaves readable progress lines in batch-job logs
             callbacks=[MaskingCallback(), RecordWriter(run_dir)] + ([TQDMProgressBar()] if run.progress else []),
         )
+        batch_size = run.batch_size or (16 if trainer.accelerator.__class__.__name__ == "CUDAAccelerator" else 1)
         started = time.time()
-        trainer.predict(module, datamodule=SampleDataModule(pending, run.batch_size), return_predictions=False)
+        trainer.predict(module, datamodule=SampleDataModule(pending, batch_size), return_predictions=False)
         if trainer.global_rank != 0:
             return run_dir
-        print(f"evaluated {len(pending)} samples in {time.time() - started:.1f} s")
+        print(f"evaluated {len(pending)} samples in {time.time() - started:.1f} s, peak memory {peak_memory_gib():.2f} GiB")
 
     records = [r for r in read_records(run_dir) if r["sample_id"] in {s.id for s in samples}]
     if not records:

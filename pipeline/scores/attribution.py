@@ -3,8 +3,12 @@
 One forward and one backward pass over ``prompt + labels`` give, for every label
 token t and every layer, the unit outputs at the position that predicts y_t and the
 gradient of L_t alone with respect to them (see ``exact_attention.py`` for why this
-equals the step-by-step definition). Integrated gradients add, per layer and unit
-kind, one pass whose batch holds all n scaling steps.
+equals the step-by-step definition). Several samples of different lengths share the
+pass, padded left or right, with attention masks and position ids set accordingly.
+
+Integrated gradients add, per layer and unit kind, one pass whose batch holds all n
+scaling steps of all samples; the scaled passes read the dense keys and values of
+earlier positions recorded by the first pass.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ from pipeline.masking.hooks import HEADS, NEURONS, Probe, hooks_for
 from pipeline.scores.exact_attention import exact_attention, forget_recorded
 from pipeline.scores.metrics import DEFAULT_METRICS, METRICS, NEEDS_GRADIENT, head_scores, neuron_scores
 
+IGNORE = -100
+
 
 @dataclass
 class UnitScores:
@@ -27,30 +33,73 @@ class UnitScores:
     neurons: torch.Tensor
 
 
-def _label_loss(logits: torch.Tensor, positions: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Sum over rows and tokens of CE(logits at the predicting position, label)."""
-    picked = logits.gather(1, positions.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
+@dataclass
+class Packed:
+    """Samples packed into one padded batch."""
+
+    input_ids: torch.Tensor  # [B, S]
+    attention_mask: torch.Tensor  # [B, S]
+    position_ids: torch.Tensor  # [B, S]
+    positions: torch.Tensor  # [B, T]: the position predicting label t (padding points at a real one)
+    labels: torch.Tensor  # [B, T], IGNORE where padded
+    lengths: list[int]  # T per sample
+
+    def repeat(self, times: int) -> "Packed":
+        rep = lambda t: t.repeat(times, 1)  # noqa: E731
+        return Packed(rep(self.input_ids), rep(self.attention_mask), rep(self.position_ids), rep(self.positions),
+                      rep(self.labels), self.lengths * times)
+
+    def model_inputs(self) -> dict:
+        return dict(input_ids=self.input_ids, attention_mask=self.attention_mask, position_ids=self.position_ids,
+                    use_cache=False)
+
+
+def pack(prompts: list[torch.Tensor], labels: list[torch.Tensor], padding_side: str, device) -> Packed:
+    sequences = [torch.cat([p, y[:-1]]) for p, y in zip(prompts, labels)]
+    width, T = max(len(s) for s in sequences), max(len(y) for y in labels)
+    B = len(sequences)
+    input_ids = torch.zeros(B, width, dtype=torch.long)
+    attention_mask = torch.zeros(B, width, dtype=torch.long)
+    positions = torch.zeros(B, T, dtype=torch.long)
+    label_ids = torch.full((B, T), IGNORE, dtype=torch.long)
+    for i, (seq, prompt, y) in enumerate(zip(sequences, prompts, labels)):
+        offset = width - len(seq) if padding_side == "left" else 0
+        input_ids[i, offset: offset + len(seq)] = seq
+        attention_mask[i, offset: offset + len(seq)] = 1
+        first = offset + len(prompt) - 1
+        positions[i] = first
+        positions[i, : len(y)] = torch.arange(first, first + len(y))
+        label_ids[i, : len(y)] = y
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    to = lambda t: t.to(device)  # noqa: E731
+    return Packed(to(input_ids), to(attention_mask), to(position_ids), to(positions), to(label_ids),
+                  [len(y) for y in labels])
+
+
+def _label_loss(logits: torch.Tensor, packed: Packed) -> torch.Tensor:
+    """Sum over samples and tokens of CE(logits at the predicting position, label)."""
+    picked = logits.gather(1, packed.positions.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
     picked = picked.to(torch.promote_types(picked.dtype, torch.float32))
-    return F.cross_entropy(picked.flatten(0, 1), labels.flatten(), reduction="sum")
+    return F.cross_entropy(picked.flatten(0, 1), packed.labels.flatten(), ignore_index=IGNORE, reduction="sum")
 
 
 def _stack(captured: dict, kind: str, layers: int) -> torch.Tensor:
-    # [batch, T, layers, width]
-    return torch.stack([captured[(kind, layer)] for layer in range(layers)], dim=2)
+    return torch.stack([captured[(kind, layer)] for layer in range(layers)], dim=2)  # [B, T, layers, width]
 
 
-def _outputs_and_gradients(model, hooks, input_ids, positions, labels, with_gradient: bool):
+def _outputs_and_gradients(model, hooks, packed: Packed, with_gradient: bool):
     layout = hooks.layout
-    probe = Probe(positions=positions)
+    probe = Probe(positions=packed.positions, valid=packed.labels != IGNORE)
     hooks.probe = probe
+    gradients = {}
     try:
         with torch.enable_grad(), exact_attention(model, mode="record" if with_gradient else "live"):
-            logits = model(input_ids=input_ids, use_cache=False).logits
-            keys = [(kind, layer) for kind in (HEADS, NEURONS) for layer in range(layout.num_layers)]
+            logits = model(**packed.model_inputs()).logits
             if with_gradient:
-                loss = _label_loss(logits, positions, labels)
-                grads = torch.autograd.grad(loss, [probe.probes[k] for k in keys])
+                keys = [(kind, layer) for kind in (HEADS, NEURONS) for layer in range(layout.num_layers)]
+                grads = torch.autograd.grad(_label_loss(logits, packed), [probe.probes[k] for k in keys])
                 gradients = dict(zip(keys, grads))
+            del logits
     finally:
         hooks.probe = None
     x = {kind: _stack(probe.outputs, kind, layout.num_layers) for kind in (HEADS, NEURONS)}
@@ -58,33 +107,78 @@ def _outputs_and_gradients(model, hooks, input_ids, positions, labels, with_grad
     return x, g
 
 
-def _integrated_gradients(model, hooks, input_ids, positions, labels, steps: int) -> dict[str, torch.Tensor]:
-    """Step-averaged gradients, layer by layer and kind by kind, all steps in one batch.
+def _integrated_gradients(model, hooks, packed: Packed, steps: int) -> dict[str, torch.Tensor]:
+    """Step-averaged gradients ``[B, T, layers, width]``, one pass per (kind, layer).
 
-    Must run right after a ``record`` pass over the same input: the scaled passes read
-    the recorded dense keys/values of earlier positions.
+    Each pass holds every sample at every step (``steps * B`` rows). Must follow a
+    ``record`` pass over ``packed``: the scaled passes see the recorded dense states of
+    earlier positions, as one decoding step would.
     """
     layout = hooks.layout
-    alphas = torch.arange(1, steps + 1, dtype=torch.float64, device=input_ids.device) / steps
-    batch_ids = input_ids.expand(steps, -1)
-    batch_positions = positions.expand(steps, -1)
-    batch_labels = labels.expand(steps, -1)
+    B = packed.input_ids.shape[0]
+    device = packed.input_ids.device
+    alphas = (torch.arange(1, steps + 1, dtype=torch.float64, device=device) / steps).repeat_interleave(B)
+    batch = packed.repeat(steps)  # row = step * B + sample
     averaged = {}
     for kind in (HEADS, NEURONS):
         per_layer = []
         for layer in range(layout.num_layers):
-            probe = Probe(positions=batch_positions, scale=(kind, layer, alphas), only=(kind, layer))
+            probe = Probe(positions=batch.positions, valid=batch.labels != IGNORE, scale=(kind, layer, alphas),
+                          only=(kind, layer))
             hooks.probe = probe
             try:
                 with torch.enable_grad(), exact_attention(model, mode="replay"):
-                    logits = model(input_ids=batch_ids, use_cache=False).logits
-                    loss = _label_loss(logits, batch_positions, batch_labels)
-                    (grad,) = torch.autograd.grad(loss, [probe.probes[(kind, layer)]])
+                    logits = model(**batch.model_inputs()).logits
+                    (grad,) = torch.autograd.grad(_label_loss(logits, batch), [probe.probes[(kind, layer)]])
+                    del logits
             finally:
                 hooks.probe = None
-            per_layer.append(grad.mean(0))  # average over the steps -> [T, width]
-        averaged[kind] = torch.stack(per_layer, dim=1).unsqueeze(0)  # [1, T, layers, width]
+            per_layer.append(grad.view(steps, B, *grad.shape[1:]).mean(0))  # [B, T, width]
+        averaged[kind] = torch.stack(per_layer, dim=2)
     return averaged
+
+
+def attribute_batch(
+    model,
+    prompts: list[torch.Tensor],
+    labels: list[torch.Tensor],
+    metrics=DEFAULT_METRICS,
+    ig_steps: int = 20,
+    padding_side: str = "right",
+) -> list[dict[str, UnitScores]]:
+    """``attribute`` for several samples in one pass; returns one result per sample."""
+    unknown = [m for m in metrics if m not in METRICS]
+    if unknown:
+        raise ValueError(f"unknown metric(s) {unknown}; choose from {list(METRICS)}")
+    if ig_steps < 1:
+        raise ValueError("ig_steps must be >= 1")
+    hooks = hooks_for(model)
+    temporary = not hooks.installed
+    hooks.install()
+    device = next(model.parameters()).device
+    packed = pack(prompts, labels, padding_side, device)
+    try:
+        with_gradient = any(m in NEEDS_GRADIENT for m in metrics)
+        x, g = _outputs_and_gradients(model, hooks, packed, with_gradient)
+        ig = _integrated_gradients(model, hooks, packed, ig_steps) if "ig" in metrics else None
+    finally:
+        forget_recorded()
+        if temporary:
+            hooks.remove()
+
+    layout = hooks.layout
+    head_shape = (*x[HEADS].shape[:-1], layout.num_heads, layout.head_dim)
+    x_heads = x[HEADS].view(head_shape)
+    per_metric = {}
+    for metric in metrics:
+        gradients = ig if metric == "ig" else g
+        g_heads = gradients[HEADS].view(head_shape) if gradients is not None else None
+        g_neurons = gradients[NEURONS] if gradients is not None else None
+        per_metric[metric] = (head_scores(metric, x_heads, g_heads), neuron_scores(metric, x[NEURONS], g_neurons))
+    return [
+        {m: UnitScores(heads=h[i, :T], neurons=n[i, :T]) for m, (h, n) in per_metric.items()}
+        for i, T in enumerate(packed.lengths)
+    ]
 
 
 def attribute(
@@ -107,39 +201,4 @@ def attribute(
         ``{metric: UnitScores}`` with ``heads`` ``[T, layers, heads]`` and ``neurons``
         ``[T, layers, neurons]``; row t scores the units for generating y_t.
     """
-    unknown = [m for m in metrics if m not in METRICS]
-    if unknown:
-        raise ValueError(f"unknown metric(s) {unknown}; choose from {list(METRICS)}")
-    if ig_steps < 1:
-        raise ValueError("ig_steps must be >= 1")
-    hooks = hooks_for(model)
-    temporary = not hooks.installed
-    hooks.install()
-    device = next(model.parameters()).device
-    prompt_ids = prompt_ids.to(device)
-    label_ids = label_ids.to(device)
-    prompt_len, T = prompt_ids.numel(), label_ids.numel()
-    input_ids = torch.cat([prompt_ids, label_ids[:-1]]).unsqueeze(0)
-    positions = torch.arange(prompt_len - 1, prompt_len - 1 + T, device=device).unsqueeze(0)
-    labels = label_ids.unsqueeze(0)
-    try:
-        with_gradient = any(m in NEEDS_GRADIENT for m in metrics)
-        x, g = _outputs_and_gradients(model, hooks, input_ids, positions, labels, with_gradient)
-        ig = _integrated_gradients(model, hooks, input_ids, positions, labels, ig_steps) if "ig" in metrics else None
-    finally:
-        forget_recorded()
-        if temporary:
-            hooks.remove()
-
-    head_shape = (*x[HEADS].shape[:-1], hooks.layout.num_heads, hooks.layout.head_dim)
-    x_heads = x[HEADS].view(head_shape)
-    result = {}
-    for metric in metrics:
-        gradients = ig if metric == "ig" else g
-        g_heads = gradients[HEADS].view(head_shape) if gradients is not None else None
-        g_neurons = gradients[NEURONS] if gradients is not None else None
-        result[metric] = UnitScores(
-            heads=head_scores(metric, x_heads, g_heads)[0],
-            neurons=neuron_scores(metric, x[NEURONS], g_neurons)[0],
-        )
-    return result
+    return attribute_batch(model, [prompt_ids.cpu()], [label_ids.cpu()], metrics, ig_steps)[0]
