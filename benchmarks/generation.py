@@ -44,9 +44,10 @@ def main():
             return model.generate(batch, attention_mask=torch.ones_like(batch), max_new_tokens=steps,
                                   min_new_tokens=steps, do_sample=False, pad_token_id=0)
 
-    generator = torch.Generator().manual_seed(0)
-    head_keep = torch.rand(rows, steps, layout.num_layers, layout.num_heads, generator=generator) > 0.5
-    neuron_keep = torch.rand(rows, steps, layout.num_layers, layout.num_neurons, generator=generator) > 0.5
+    # on the device, where a real run computes them from the scores
+    generator = torch.Generator(device=device).manual_seed(0)
+    head_keep = torch.rand(rows, steps, layout.num_layers, layout.num_heads, generator=generator, device=device) > 0.5
+    neuron_keep = torch.rand(rows, steps, layout.num_layers, layout.num_neurons, generator=generator, device=device) > 0.5
 
     def masked():
         return greedy_generate(model, prompt, steps, [], head_keep, neuron_keep)

@@ -68,12 +68,8 @@ def greedy_generate(
                 cache.batch_repeat_interleave(rows)
         if head_keep is not None:
             hooks.install()
-            dtype = next(model.parameters()).dtype
-            # [steps, rows, layers, units]: one contiguous slice per decoding step.
-            hooks.masks = StepMasks(
-                heads=head_keep.to(device=device, dtype=dtype).transpose(0, 1).contiguous(),
-                neurons=neuron_keep.to(device=device, dtype=dtype).transpose(0, 1).contiguous(),
-            )
+            hooks.masks = StepMasks(heads=head_keep.to(device=device, dtype=torch.bool),
+                                    neurons=neuron_keep.to(device=device, dtype=torch.bool))
         step_input = prompt_ids[:, -1:].expand(rows, 1)
         for step in range(max_new_tokens):
             if hooks.masks is not None:

@@ -64,23 +64,29 @@ class Probe:
 class StepMasks:
     """Generation state: per-step keep masks for every row, and the current step.
 
-    ``heads`` is ``[steps, rows, layers, heads]`` and ``neurons`` is
-    ``[steps, rows, layers, neurons]``, both 0/1 in the model's dtype.
+    ``heads`` is ``[rows, steps, layers, heads]`` and ``neurons`` is
+    ``[rows, steps, layers, neurons]``, boolean, on the model's device. They stay
+    boolean (multiplying by a bool tensor keeps the activation dtype), so nothing the
+    size of all masks is ever converted or copied.
     """
 
     heads: torch.Tensor
     neurons: torch.Tensor
     step: int = 0
 
+    @property
+    def rows(self) -> int:
+        return self.heads.shape[0]
+
     def apply(self, kind: str, layer: int, x: torch.Tensor, head_dim: int) -> torch.Tensor:
-        if self.step >= self.heads.shape[0]:
+        if self.step >= self.heads.shape[1]:
             return x
         last = x[:, -1]  # the position being computed; earlier ones come from the cache
         if kind == HEADS:
-            keep = self.heads[self.step, :, layer]
-            last.view(last.shape[0], -1, head_dim).mul_(keep.unsqueeze(-1))
+            keep = self.heads[:, self.step, layer]
+            last.view(keep.shape[0], keep.shape[1], head_dim).mul_(keep.unsqueeze(-1))
         else:
-            last.mul_(self.neurons[self.step, :, layer])
+            last.mul_(self.neurons[:, self.step, layer])
         return x
 
 
@@ -121,7 +127,7 @@ class UnitHooks:
             return None
         x = flat = args[0]
         if flat.dim() == 2:  # OPT feeds its MLP [batch * seq, features]
-            rows = self.probe.positions.shape[0] if self.probe is not None else self.masks.heads.shape[1]
+            rows = self.probe.positions.shape[0] if self.probe is not None else self.masks.rows
             x = flat.view(rows, -1, flat.shape[-1])
         if self.probe is not None:
             x = self.probe.apply(kind, layer, x)
