@@ -29,7 +29,7 @@ from common import arguments, load, machine, prompts_and_labels, record, timed  
 
 from transformers import DynamicCache  # noqa: E402
 
-from pipeline.masking.generation import _forward_arguments  # noqa: E402
+from pipeline.masking.generation import forward_arguments  # noqa: E402
 from pipeline.masking.hooks import HEADS, NEURONS  # noqa: E402
 from pipeline.models.adapters import layout_for  # noqa: E402
 from pipeline.scores.attribution import attribute_batch  # noqa: E402
@@ -39,7 +39,7 @@ from pipeline.scores.metrics import DEFAULT_METRICS, head_scores, neuron_scores 
 def authors_baseline(model, layout, prompt, labels, tokens, layers):
     """x and g per (token, kind, layer), one forward+backward per (token, kind, layer)."""
     device = next(model.parameters()).device
-    cache_name, _ = _forward_arguments(model)
+    cache_name, _ = forward_arguments(model)
     out = {}
     for t in range(tokens):
         sequence = torch.cat([prompt, labels[:t]]).to(device).unsqueeze(0)

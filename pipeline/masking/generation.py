@@ -19,7 +19,7 @@ from transformers import DynamicCache
 from pipeline.masking.hooks import StepMasks, hooks_for
 
 
-def _forward_arguments(model) -> tuple[str, str | None]:
+def forward_arguments(model) -> tuple[str, str | None]:
     # transformers 5.x renamed ``past_key_values`` to ``cache``; older releases call
     # ``logits_to_keep`` ``num_logits_to_keep`` or lack it.
     names = inspect.signature(model.forward).parameters
@@ -52,7 +52,7 @@ def greedy_generate(
     rows = 1 if head_keep is None else head_keep.shape[0]
     hooks = hooks_for(model)
     temporary = not hooks.installed
-    cache_name, keep_name = _forward_arguments(model)
+    cache_name, keep_name = forward_arguments(model)
     cache = DynamicCache(config=model.config)
     last_only = {keep_name: 1} if keep_name else {}
     prompt_ids = prompt_ids.to(device).unsqueeze(0)

@@ -13,11 +13,13 @@ earlier positions recorded by the first pass.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
+from transformers import DynamicCache
 
+from pipeline.masking.generation import forward_arguments
 from pipeline.masking.hooks import HEADS, NEURONS, Probe, hooks_for
 from pipeline.scores.exact_attention import exact_attention, forget_recorded
 from pipeline.scores.metrics import DEFAULT_METRICS, METRICS, NEEDS_GRADIENT, head_scores, neuron_scores
@@ -43,18 +45,50 @@ class Packed:
     positions: torch.Tensor  # [B, T]: the position predicting label t (padding points at a real one)
     labels: torch.Tensor  # [B, T], IGNORE where padded
     lengths: list[int]  # T per sample
+    keep_argument: str | None = None  # the model's name for "logits for the last n positions"
+    logits_kept: int = 0  # >0: the model returns logits for the last ``logits_kept`` positions only
 
     def repeat(self, times: int) -> "Packed":
         rep = lambda t: t.repeat(times, 1)  # noqa: E731
-        return Packed(rep(self.input_ids), rep(self.attention_mask), rep(self.position_ids), rep(self.positions),
-                      rep(self.labels), self.lengths * times)
+        return replace(self, input_ids=rep(self.input_ids), attention_mask=rep(self.attention_mask),
+                       position_ids=rep(self.position_ids), positions=rep(self.positions), labels=rep(self.labels),
+                       lengths=self.lengths * times)
+
+    def split(self) -> tuple[dict, "Packed"]:
+        """Inputs of the positions before any label position, and the rest.
+
+        Left padding puts every label position in the last ``max T`` columns. The
+        columns before them need no gradient (exact attention sees earlier positions
+        only as fixed context), so they run once without autograd and reach the
+        attribution pass as a KV cache.
+        """
+        cut = self.input_ids.shape[1] - int(self.positions.shape[1])
+        prefix = dict(input_ids=self.input_ids[:, :cut], attention_mask=self.attention_mask[:, :cut],
+                      position_ids=self.position_ids[:, :cut], use_cache=True)
+        rest = replace(self, input_ids=self.input_ids[:, cut:], position_ids=self.position_ids[:, cut:],
+                       positions=self.positions - cut, logits_kept=0)
+        return prefix, rest
 
     def model_inputs(self) -> dict:
-        return dict(input_ids=self.input_ids, attention_mask=self.attention_mask, position_ids=self.position_ids,
-                    use_cache=False)
+        inputs = dict(input_ids=self.input_ids, attention_mask=self.attention_mask, position_ids=self.position_ids,
+                      use_cache=False)
+        if self.logits_kept:
+            inputs[self.keep_argument] = self.logits_kept
+        return inputs
+
+    def logit_positions(self) -> torch.Tensor:
+        """``positions`` as indices into the returned logits."""
+        return self.positions - (self.input_ids.shape[1] - self.logits_kept) if self.logits_kept else self.positions
 
 
-def pack(prompts: list[torch.Tensor], labels: list[torch.Tensor], padding_side: str, device) -> Packed:
+def pack(prompts: list[torch.Tensor], labels: list[torch.Tensor], padding_side: str, device,
+         keep_argument: str | None = None) -> Packed:
+    """Pad samples into one batch.
+
+    With left padding every sample's label positions are among the last ``max T``
+    positions, so (where the model supports it) logits are computed only there: the
+    output projection over the vocabulary is skipped for all prompt positions.
+    """
     sequences = [torch.cat([p, y[:-1]]) for p, y in zip(prompts, labels)]
     width, T = max(len(s) for s in sequences), max(len(y) for y in labels)
     B = len(sequences)
@@ -72,13 +106,16 @@ def pack(prompts: list[torch.Tensor], labels: list[torch.Tensor], padding_side: 
         label_ids[i, : len(y)] = y
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     to = lambda t: t.to(device)  # noqa: E731
-    return Packed(to(input_ids), to(attention_mask), to(position_ids), to(positions), to(label_ids),
-                  [len(y) for y in labels])
+    packed = Packed(to(input_ids), to(attention_mask), to(position_ids), to(positions), to(label_ids),
+                    [len(y) for y in labels])
+    if padding_side == "left" and keep_argument is not None:
+        packed.logits_kept, packed.keep_argument = T, keep_argument
+    return packed
 
 
 def _label_loss(logits: torch.Tensor, packed: Packed) -> torch.Tensor:
     """Sum over samples and tokens of CE(logits at the predicting position, label)."""
-    picked = logits.gather(1, packed.positions.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
+    picked = logits.gather(1, packed.logit_positions().unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
     picked = picked.to(torch.promote_types(picked.dtype, torch.float32))
     return F.cross_entropy(picked.flatten(0, 1), packed.labels.flatten(), ignore_index=IGNORE, reduction="sum")
 
@@ -87,14 +124,28 @@ def _stack(captured: dict, kind: str, layers: int) -> torch.Tensor:
     return torch.stack([captured[(kind, layer)] for layer in range(layers)], dim=2)  # [B, T, layers, width]
 
 
-def _outputs_and_gradients(model, hooks, packed: Packed, with_gradient: bool):
+def _outputs_and_gradients(model, hooks, packed: Packed, with_gradient: bool, keep_context: bool):
+    """Unit outputs and per-token gradients at the label positions.
+
+    ``keep_context`` records every position's keys and values for integrated gradients,
+    so the whole sequence runs through autograd; otherwise the prompt prefix runs once
+    without it and is passed on as a KV cache.
+    """
     layout = hooks.layout
+    inputs = packed.model_inputs()
+    if not keep_context and packed.logits_kept and packed.input_ids.shape[1] > packed.positions.shape[1]:
+        prefix, packed = packed.split()
+        cache_name = forward_arguments(model)[0]
+        cache = DynamicCache(config=model.config)
+        with torch.no_grad():
+            model(**prefix, **{cache_name: cache})
+        inputs = {**packed.model_inputs(), cache_name: cache, "use_cache": True}  # attention_mask spans both parts
     probe = Probe(positions=packed.positions, valid=packed.labels != IGNORE)
     hooks.probe = probe
     gradients = {}
     try:
-        with torch.enable_grad(), exact_attention(model, mode="record" if with_gradient else "live"):
-            logits = model(**packed.model_inputs()).logits
+        with torch.enable_grad(), exact_attention(model, mode="record" if keep_context else "live"):
+            logits = model(**inputs).logits
             if with_gradient:
                 keys = [(kind, layer) for kind in (HEADS, NEURONS) for layer in range(layout.num_layers)]
                 grads = torch.autograd.grad(_label_loss(logits, packed), [probe.probes[k] for k in keys])
@@ -144,7 +195,7 @@ def attribute_batch(
     labels: list[torch.Tensor],
     metrics=DEFAULT_METRICS,
     ig_steps: int = 20,
-    padding_side: str = "right",
+    padding_side: str = "left",
 ) -> list[dict[str, UnitScores]]:
     """``attribute`` for several samples in one pass; returns one result per sample."""
     unknown = [m for m in metrics if m not in METRICS]
@@ -156,10 +207,10 @@ def attribute_batch(
     temporary = not hooks.installed
     hooks.install()
     device = next(model.parameters()).device
-    packed = pack(prompts, labels, padding_side, device)
+    packed = pack(prompts, labels, padding_side, device, forward_arguments(model)[1])
     try:
         with_gradient = any(m in NEEDS_GRADIENT for m in metrics)
-        x, g = _outputs_and_gradients(model, hooks, packed, with_gradient)
+        x, g = _outputs_and_gradients(model, hooks, packed, with_gradient, keep_context="ig" in metrics)
         ig = _integrated_gradients(model, hooks, packed, ig_steps) if "ig" in metrics else None
     finally:
         forget_recorded()

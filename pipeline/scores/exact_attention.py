@@ -49,8 +49,6 @@ class _Context:
 def exact_attention_forward(
     module, query, key, value, attention_mask, scaling=None, dropout=0.0, softcap=None, **kwargs
 ):
-    if query.shape[-2] != key.shape[-2]:
-        raise RuntimeError(f"{IMPLEMENTATION} attention needs the full sequence in one pass (no KV cache)")
     groups = query.shape[1] // key.shape[1]
     if groups > 1:  # grouped-query attention: the unit is the query head
         key = key.repeat_interleave(groups, dim=1)
@@ -68,19 +66,23 @@ def exact_attention_forward(
         if _Context.mode == "record":
             _Context.store[id(module)] = (key_ctx, value_ctx)
 
-    own = (query * key).sum(-1) - (query * key_ctx).sum(-1)  # zero in value unless replaying
-    scores = (torch.matmul(query, key_ctx.transpose(-1, -2)) + torch.diag_embed(own)) * scaling
+    # Queries are the last ``seq`` positions; earlier keys may come from a no-grad cache.
+    seq, past = query.shape[-2], key.shape[-2] - query.shape[-2]
+    own_key, own_value = key[..., past:, :], value[..., past:, :]
+    own = (query * own_key).sum(-1) - (query * key_ctx[..., past:, :]).sum(-1)  # zero unless replaying
+    scores = torch.matmul(query, key_ctx.transpose(-1, -2))
+    scores = (scores + torch.diag_embed(own, offset=past)[..., :seq, :]) * scaling  # own_i at (i, past + i)
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
-    seq = query.shape[-2]
     if attention_mask is not None:
-        scores = scores + attention_mask[..., :seq]
+        scores = scores + attention_mask[..., : key.shape[-2]]
     else:
-        causal = torch.ones(seq, seq, dtype=torch.bool, device=query.device).triu(1)
+        causal = torch.ones(seq, key.shape[-2], dtype=torch.bool, device=query.device).triu(1 + past)
         scores = scores.masked_fill(causal, float("-inf"))
     # softmax in at least fp32, as eager attention does (and in fp64 for fp64 models)
     probs = torch.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(query.dtype)
-    out = torch.matmul(probs, value_ctx) + probs.diagonal(dim1=-2, dim2=-1).unsqueeze(-1) * (value - value_ctx)
+    out = torch.matmul(probs, value_ctx) + probs.diagonal(offset=past, dim1=-2, dim2=-1).unsqueeze(-1) * (
+        own_value - value_ctx[..., past:, :])
     return out.transpose(1, 2).contiguous(), probs
 
 
