@@ -60,33 +60,34 @@ class Probe:
         return x.scatter_add(1, index, delta)
 
 
-@dataclass
 class StepMasks:
     """Generation state: per-step keep masks for every row, and the current step.
 
     ``heads`` is ``[rows, steps, layers, heads]`` and ``neurons`` is
     ``[rows, steps, layers, neurons]``, boolean, on the model's device. They stay
     boolean (multiplying by a bool tensor keeps the activation dtype), so nothing the
-    size of all masks is ever converted or copied.
+    size of all masks is ever converted or copied. The hooks run for every layer at
+    every decoding step, so per-layer views are made once and a hook does two tensor
+    operations: pick this step's mask, multiply in place.
     """
 
-    heads: torch.Tensor
-    neurons: torch.Tensor
-    step: int = 0
-
-    @property
-    def rows(self) -> int:
-        return self.heads.shape[0]
+    def __init__(self, heads: torch.Tensor, neurons: torch.Tensor):
+        self.rows, self.steps = heads.shape[0], heads.shape[1]
+        self.step = 0
+        self._heads = [heads[:, :, layer, :, None] for layer in range(heads.shape[2])]  # [rows, steps, H, 1]
+        self._neurons = [neurons[:, :, layer] for layer in range(neurons.shape[2])]  # [rows, steps, N]
 
     def apply(self, kind: str, layer: int, x: torch.Tensor, head_dim: int) -> torch.Tensor:
-        if self.step >= self.heads.shape[1]:
+        step = self.step
+        if step >= self.steps:
             return x
-        last = x[:, -1]  # the position being computed; earlier ones come from the cache
+        # the position being computed; earlier ones come from the cache
+        last = x if x.shape[1] == 1 else x[:, -1:]
         if kind == HEADS:
-            keep = self.heads[:, self.step, layer]
-            last.view(keep.shape[0], keep.shape[1], head_dim).mul_(keep.unsqueeze(-1))
+            keep = self._heads[layer][:, step]
+            last.view(self.rows, -1, head_dim).mul_(keep)
         else:
-            last.mul_(self.neurons[:, self.step, layer])
+            last.view(self.rows, -1).mul_(self._neurons[layer][:, step])
         return x
 
 
