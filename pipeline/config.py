@@ -98,7 +98,14 @@ class RunConfig:
     accelerator: str = "auto"
     """Lightning accelerator: auto, cpu, gpu."""
     devices: int | str = 1
-    """Devices per node."""
+    """Devices (GPUs, or CPU processes) per node."""
+    num_nodes: int = 1
+    """Nodes (set by the SLURM scripts from the allocation)."""
+    strategy: str = "auto"
+    """Lightning strategy: auto, or ddp to shard samples over devices and nodes."""
+    requeue: bool = True
+    """Under SLURM, on SIGUSR1 (the time-limit warning of --signal=USR1@90) stop after the
+    batch in flight and requeue the job with scontrol; it resumes where it stopped."""
     batch_size: int | None = None
     """Questions per predict step (their attribution shares one pass). Default: 1 on CPU,
     16 on GPU; a batch that does not fit in GPU memory is split automatically. Records

@@ -50,12 +50,12 @@ def dataset_name(config: DataConfig) -> str:
 
 def _read_rows(config: DataConfig, preset: Preset):
     """Rows as a sequence of dicts, from a file or the Hub."""
+    if config.dataset == "demo" and config.path is None:
+        return [json.loads(line) for line in DEMO_FILE.read_text().splitlines() if line.strip()]
     import datasets
 
     datasets.logging.set_verbosity_error()
     datasets.disable_progress_bars()
-    if config.dataset == "demo" and config.path is None:
-        return [json.loads(line) for line in DEMO_FILE.read_text().splitlines() if line.strip()]
     source = config.path or (config.dataset if config.dataset not in PRESETS else None)
     if source is not None and (Path(source).suffix.lower() in FILE_BUILDERS or Path(source).exists()):
         path = Path(source)

@@ -29,7 +29,7 @@ def fingerprint(numbers_affecting: dict) -> str:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    partial = path.with_name(path.name + ".partial")
+    partial = path.with_name(f"{path.name}.{os.getpid()}.partial")  # ranks may write the same file
     with partial.open("w") as handle:
         handle.write(text)
         handle.flush()

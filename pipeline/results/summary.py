@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 from collections import defaultdict
 from pathlib import Path
 
@@ -24,7 +25,8 @@ def summarize(records: list[dict]) -> list[dict]:
         row = {"metric": metric, "level": level, "n": len(items)}
         for measure in MEASURES:
             values = [r[measure] for r in items if r.get(measure) is not None]
-            row[measure] = sum(values) / len(values) if values else None
+            # fsum is exactly rounded, so the mean does not depend on record order (ranks, resumes)
+            row[measure] = math.fsum(values) / len(values) if values else None
         row["accuracy_loss"] = 100.0 - row["bleu"]
         rows.append(row)
     return rows

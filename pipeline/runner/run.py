@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 import time
 import warnings
 from dataclasses import asdict
@@ -11,6 +12,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.plugins.environments import SLURMEnvironment
 
 from pipeline.config import DataConfig, ModelConfig, ProtocolConfig, RunConfig, validate
 from pipeline.data.datamodule import SampleDataModule
@@ -24,6 +26,7 @@ from pipeline.results.store import check_run_dir, completed_samples, fingerprint
 from pipeline.results.summary import format_table, summarize, write_summary
 from pipeline.runner.callbacks import MaskingCallback, RecordWriter
 from pipeline.runner.module import SparseActivationModule
+from pipeline.runner.preemption import Preempted, PreemptionCallback, requeue_slurm_job
 
 
 def peak_memory_gib() -> float:
@@ -81,16 +84,27 @@ def evaluate(
     if pending:
         module = SparseActivationModule(loaded.model, loaded.tokenizer, template, protocol, task,
                                         stop_token_ids(loaded.tokenizer, loaded.model))
+        preemption = PreemptionCallback()
         trainer = L.Trainer(
-            accelerator=run.accelerator, devices=run.devices, logger=False, enable_checkpointing=False,
-            enable_model_summary=False, enable_progress_bar=run.progress,
+            accelerator=run.accelerator, devices=run.devices, num_nodes=run.num_nodes, strategy=run.strategy,
+            logger=False, enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=run.progress,
             inference_mode=False,  # attribution needs autograd inside predict_step
             # tqdm rather than rich: it also leaves readable progress lines in batch-job logs
-            callbacks=[MaskingCallback(), RecordWriter(run_dir)] + ([TQDMProgressBar()] if run.progress else []),
+            callbacks=[MaskingCallback(), RecordWriter(run_dir), preemption]
+            + ([TQDMProgressBar()] if run.progress else []),
+            # Lightning's own SLURM requeue saves a training checkpoint; prediction needs none
+            plugins=[SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else None,
         )
         batch_size = run.batch_size or (16 if trainer.accelerator.__class__.__name__ == "CUDAAccelerator" else 1)
         started = time.time()
-        trainer.predict(module, datamodule=SampleDataModule(pending, batch_size), return_predictions=False)
+        try:
+            trainer.predict(module, datamodule=SampleDataModule(pending, batch_size), return_predictions=False)
+        except Preempted as stop:
+            requeued = stop.signum == signal.SIGUSR1 and run.requeue and requeue_slurm_job()
+            print(f"stopped by {stop}: finished samples are saved in {run_dir}; "
+                  + ("the job is requeued and will resume" if requeued else "rerun the same command to resume"))
+            raise SystemExit(128 + stop.signum) from None
+        trainer.strategy.barrier()  # every rank's shard is complete before rank 0 merges
         if trainer.global_rank != 0:
             return run_dir
         print(f"evaluated {len(pending)} samples in {time.time() - started:.1f} s, peak memory {peak_memory_gib():.2f} GiB")
