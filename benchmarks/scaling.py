@@ -1,0 +1,88 @@
+"""Multi-GPU scaling of a whole evaluation: the same run on 1 and on N GPUs (Lightning DDP).
+
+Makes a randomly initialised model from a config (e.g. Phi-2's) once, saves it with a
+tokenizer, then runs ``sparseact run`` on 1 GPU and on N GPUs over the same prompts
+and reports samples/s, the speed-up, and whether both runs wrote the same records.
+
+    python benchmarks/scaling.py --config .bench_assets/phi2 --tokenizer .bench_assets/tokenizer \
+        --data .bench_assets/TruthfulQA.csv --questions 256 --gpus 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine, record  # noqa: E402
+
+
+def make_model(config_dir: str, tokenizer_dir: str, target: Path) -> None:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    if (target / "config.json").exists():
+        return
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(config_dir), dtype=torch.bfloat16)
+    model.save_pretrained(target)
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(target)
+
+
+def evaluate(model: Path, args, gpus: int, out: Path) -> tuple[float, float]:
+    command = [sys.executable, "-m", "pipeline", "run", "--model.name", str(model), "--model.dtype", "bfloat16",
+               "--model.template", "instruct", "--data.dataset", "truthfulqa", "--data.path", args.data,
+               "--data.limit", str(args.questions), "--protocol.max_new_tokens", str(args.max_new_tokens),
+               "--run.accelerator", "gpu", "--run.devices", str(gpus), "--run.output_dir", str(out),
+               "--run.progress", "false"] + (["--run.strategy", "ddp"] if gpus > 1 else [])
+    started = time.time()
+    result = subprocess.run(command, capture_output=True, text=True)
+    wall = time.time() - started
+    if result.returncode != 0:
+        raise SystemExit(result.stdout[-3000:] + result.stderr[-3000:])
+    predict = float(re.search(r"evaluated \d+ samples in ([\d.]+) s", result.stdout).group(1))
+    return predict, wall
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--tokenizer", required=True)
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--questions", type=int, default=256)
+    parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--gpus", type=int, default=2)
+    parser.add_argument("--workdir", default="/tmp/sparseact-scaling")
+    parser.add_argument("--no-record", action="store_true")
+    args = parser.parse_args()
+    work = Path(args.workdir)
+    model = work / "model"
+    make_model(args.config, args.tokenizer, model)
+
+    one = evaluate(model, args, 1, work / "one")
+    many = evaluate(model, args, args.gpus, work / "many")
+
+    from pipeline.results.store import read_records
+
+    keyed = lambda d: {(r["sample_id"], r["metric"], r["level"]): r["output"] for r in read_records(d)}  # noqa: E731
+    a, b = keyed(work / "one"), keyed(work / "many")
+    same = sum(a[k] == b.get(k) for k in a)
+    lines = [
+        f"random {Path(args.config).name} (bf16), {args.questions} TruthfulQA prompts, T <= {args.max_new_tokens}, "
+        "5 default scores x 10 levels",
+        f"1 GPU:  predict {one[0]:.1f} s ({args.questions / one[0]:.2f} samples/s), wall {one[1]:.1f} s",
+        f"{args.gpus} GPUs: predict {many[0]:.1f} s ({args.questions / many[0]:.2f} samples/s), wall {many[1]:.1f} s",
+        f"speed-up: {one[0] / many[0]:.2f}x (predict), {one[1] / many[1]:.2f}x (wall, incl. start-up and model load)",
+        f"records: {len(a)} vs {len(b)}; identical outputs for {same}/{len(a)} (bf16 kernels may differ by batch)",
+    ]
+    record(f"Scaling: 1 vs {args.gpus} GPUs", lines, "cuda", args.no_record)
+
+
+if __name__ == "__main__":
+    main()
