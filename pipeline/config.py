@@ -62,7 +62,8 @@ class ProtocolConfig:
     """The evaluation protocol of SPEC sections 3-6."""
 
     metrics: list[str] = field(default_factory=lambda: list(DEFAULT_METRICS))
-    """Scores to evaluate: magnitude, gradient, gxo, snip, ig, cor_gxo (ig costs 2 x layers extra passes)."""
+    """Scores to evaluate: magnitude, gradient, gxo, snip, ig, cor_gxo (ig costs 2 x layers extra passes),
+    and the label-free wina (weight-informed magnitude)."""
     levels: list[float] = field(default_factory=lambda: [round(0.1 * i, 1) for i in range(10)])
     """Sparsity levels p in [0, 1)."""
     ig_steps: int = 20

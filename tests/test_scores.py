@@ -14,6 +14,8 @@ from pipeline.models.adapters import layout_for
 from pipeline.scores.attribution import attribute
 from pipeline.scores.metrics import METRICS
 
+PAPER_METRICS = [m for m in METRICS if m != "wina"]  # wina has its own test below
+
 PROMPT = torch.tensor([3, 17, 42, 8, 23, 61, 5])
 LABELS = torch.tensor([12, 77, 30, 4, 51, 9])  # more than the gemma3 sliding window of 4
 
@@ -95,7 +97,7 @@ def _assert_close(actual, expected):
 
 
 @pytest.mark.parametrize("arch", ["llama", "phi", "gemma3"])
-@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("metric", PAPER_METRICS)
 def test_metric_matches_per_token_reference(arch, metric):
     model = tiny_model(arch)
     fast = attribute(model, PROMPT, LABELS, metrics=[metric], ig_steps=3)[metric]
@@ -175,10 +177,10 @@ def test_batched_samples_of_different_lengths(arch, padding_side):
     from pipeline.scores.attribution import attribute_batch
 
     model = tiny_model(arch)
-    results = attribute_batch(model, [p for p, _ in BATCH], [y for _, y in BATCH], metrics=METRICS, ig_steps=3,
+    results = attribute_batch(model, [p for p, _ in BATCH], [y for _, y in BATCH], metrics=PAPER_METRICS, ig_steps=3,
                               padding_side=padding_side)
     for (prompt, labels), result in zip(BATCH, results):
-        for metric in METRICS:
+        for metric in PAPER_METRICS:
             heads, neurons = _reference_for(model, prompt, labels, metric)
             assert result[metric].heads.shape == heads.shape
             _assert_close(result[metric].heads, heads)
@@ -196,3 +198,24 @@ def test_batched_left_padding_other_architectures(arch):
         heads, neurons = _reference_for(model, prompt, labels, "cor_gxo")
         _assert_close(result["cor_gxo"].heads, heads)
         _assert_close(result["cor_gxo"].neurons, neurons)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "opt"])
+def test_wina_matches_weight_loop(arch):
+    """WINA needs no labels: |x_i| ||W_down[:, i]|| and ||W_o[:, head h] x_h||, spelled out."""
+    model = tiny_model(arch)
+    layout = layout_for(model)
+    fast = attribute(model, PROMPT, LABELS, metrics=["wina"])["wina"]
+    H, D, N = layout.num_heads, layout.head_dim, layout.num_neurons
+    for t in range(len(LABELS)):
+        x, _ = _last_position_pass(model, torch.cat([PROMPT, LABELS[:t]]), LABELS[t])
+        for l in range(layout.num_layers):
+            o, down = layout.head_inputs[l], layout.neuron_inputs[l]
+            w_o = o.weight if isinstance(o, torch.nn.Linear) else o.weight.t()
+            w_down = down.weight if isinstance(down, torch.nn.Linear) else down.weight.t()
+            xh, xn = x[("heads", l)].view(H, D), x[("neurons", l)].view(N)
+            for h in range(H):
+                expected = (w_o[:, h * D:(h + 1) * D] @ xh[h]).norm()
+                assert torch.isclose(fast.heads[t, l, h], expected, rtol=1e-9)
+            for i in range(N):
+                assert torch.isclose(fast.neurons[t, l, i], xn[i].abs() * w_down[:, i].norm(), rtol=1e-9)

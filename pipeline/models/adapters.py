@@ -122,6 +122,24 @@ def layout_for(model: nn.Module) -> UnitLayout:
     )
 
 
+def _as_out_in(module: nn.Module) -> torch.Tensor:
+    # nn.Linear stores [out, in]; transformers' Conv1D (GPT-2) stores [in, out].
+    return module.weight if isinstance(module, nn.Linear) else module.weight.t()
+
+
+def output_weights(layout: UnitLayout) -> tuple[torch.Tensor, torch.Tensor]:
+    """The projections the units feed, for weight-informed scores.
+
+    Returns the attention output projections grouped by head,
+    ``[layers, hidden, heads, head_dim]``, and the down projections' column norms,
+    ``[layers, neurons]``.
+    """
+    heads = torch.stack([_as_out_in(m).detach() for m in layout.head_inputs])
+    heads = heads.view(layout.num_layers, -1, layout.num_heads, layout.head_dim)
+    columns = torch.stack([_as_out_in(m).detach().norm(dim=0) for m in layout.neuron_inputs])
+    return heads, columns
+
+
 def zero_head_weights(layout: UnitLayout, layer: int, head: int) -> None:
     """Remove one head by zeroing its input columns of the output projection (used by tests)."""
     module = layout.head_inputs[layer]

@@ -22,7 +22,16 @@ from transformers import DynamicCache
 from pipeline.masking.generation import forward_arguments
 from pipeline.masking.hooks import HEADS, NEURONS, Probe, hooks_for
 from pipeline.scores.exact_attention import exact_attention, forget_recorded
-from pipeline.scores.metrics import DEFAULT_METRICS, METRICS, NEEDS_GRADIENT, head_scores, neuron_scores
+from pipeline.models.adapters import output_weights
+from pipeline.scores.metrics import (
+    DEFAULT_METRICS,
+    METRICS,
+    NEEDS_GRADIENT,
+    head_scores,
+    neuron_scores,
+    wina_head_scores,
+    wina_neuron_scores,
+)
 
 IGNORE = -100
 
@@ -222,6 +231,10 @@ def attribute_batch(
     x_heads = x[HEADS].view(head_shape)
     per_metric = {}
     for metric in metrics:
+        if metric == "wina":
+            head_weights, column_norms = output_weights(layout)
+            per_metric[metric] = (wina_head_scores(x_heads, head_weights), wina_neuron_scores(x[NEURONS], column_norms))
+            continue
         gradients = ig if metric == "ig" else g
         g_heads = gradients[HEADS].view(head_shape) if gradients is not None else None
         g_neurons = gradients[NEURONS] if gradients is not None else None

@@ -10,9 +10,25 @@ from __future__ import annotations
 
 import torch
 
-METRICS = ("magnitude", "gradient", "gxo", "snip", "ig", "cor_gxo")
+METRICS = ("magnitude", "gradient", "gxo", "snip", "ig", "cor_gxo", "wina")
 DEFAULT_METRICS = ("magnitude", "gradient", "gxo", "snip", "cor_gxo")
-NEEDS_GRADIENT = frozenset(METRICS) - {"magnitude"}
+# Scores a deployed model can compute itself: no labels, no gradients.
+LABEL_FREE = frozenset({"magnitude", "wina"})
+NEEDS_GRADIENT = frozenset(METRICS) - LABEL_FREE
+
+
+def wina_head_scores(x: torch.Tensor, head_weights: torch.Tensor) -> torch.Tensor:
+    """WINA for heads: ``||W_o[:, head] x_h||_2``, what the head adds to the residual stream.
+
+    ``x`` ``[..., layers, heads, head_dim]``; ``head_weights`` ``[layers, hidden, heads, head_dim]``
+    (the output projection's columns grouped by head).
+    """
+    return torch.einsum("...lhd,lehd->...lhe", x, head_weights.to(x.dtype)).norm(dim=-1)
+
+
+def wina_neuron_scores(x: torch.Tensor, column_norms: torch.Tensor) -> torch.Tensor:
+    """WINA for neurons: ``|x_i| * ||W_down[:, i]||_2``; ``column_norms`` ``[layers, neurons]``."""
+    return x.abs() * column_norms.to(x.dtype)
 
 
 def head_scores(metric: str, x: torch.Tensor, g: torch.Tensor | None) -> torch.Tensor:
