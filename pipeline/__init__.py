@@ -17,6 +17,13 @@ from pipeline.scores.attribution import UnitScores, attribute
 from pipeline.scores.metrics import DEFAULT_METRICS, METRICS
 
 
+def load_scores(run_dir, sample_id):
+    """Raw per-token scores saved by a run with ``protocol.save_scores``; see ``pipeline.results.raw_scores``."""
+    from pipeline.results.raw_scores import load_scores as _load
+
+    return _load(run_dir, sample_id)
+
+
 def evaluate(*args, **kwargs):
     """Run the whole protocol; see ``pipeline.runner.run.evaluate``."""
     from pipeline.runner.run import evaluate as _evaluate
@@ -26,5 +33,5 @@ def evaluate(*args, **kwargs):
 
 __all__ = [
     "ADAPTERS", "DEFAULT_METRICS", "METRICS", "UnitScores", "achieved_sparsity", "attribute", "evaluate",
-    "keep_masks", "layout_for", "masked_generate",
+    "keep_masks", "layout_for", "load_scores", "masked_generate",
 ]

@@ -72,6 +72,9 @@ class ProtocolConfig:
     """Cap on T, the number of generated tokens (T = reference answer length in tokens)."""
     dense_first_step: bool = False
     """Leave decoding step 0 dense, as the authors' scripts did."""
+    save_scores: bool = False
+    """Also save every sample's per-token scores (each metric, heads and neurons) as
+    safetensors under scores/ in the run directory (load with pipeline.load_scores)."""
 
     def validate(self) -> None:
         unknown = [m for m in self.metrics if m not in METRICS]

@@ -6,6 +6,8 @@ bottom and can be called directly.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 
 from pipeline.config import ProtocolConfig
@@ -18,6 +20,14 @@ from pipeline.models.prompts import answer_length, prompt_ids
 from pipeline.scores.attribution import attribute_batch
 
 
+@dataclass
+class EvaluatedBatch:
+    """What one predict step hands to the writer: records, and raw scores when asked for."""
+
+    records: list[dict]
+    scores: dict = field(default_factory=dict)  # sample id -> {metric: UnitScores}
+
+
 def evaluate_batch(
     model,
     tokenizer,
@@ -28,7 +38,7 @@ def evaluate_batch(
     task: str,
     stop_ids: list[int],
 ) -> list[dict]:
-    """All (metric, level) records of a batch of samples.
+    """All (metric, level) records of a batch of samples (and their raw scores if configured).
 
     Attribution runs once for the whole batch; decoding runs per sample, each sample's
     (metric, level) rows in one batch that shares the sample's unpadded prompt, so the
@@ -48,7 +58,8 @@ def evaluate_batch(
     records = []
     for sample, prompt, labels, sample_scores in zip(samples, prompts, dense, scores):
         records += _masked_runs(model, tokenizer, layout, sample, prompt, labels, sample_scores, protocol, task, stop_ids)
-    return records
+    raw = {s.id: sc for s, sc in zip(samples, scores)} if protocol.save_scores else {}
+    return EvaluatedBatch(records=records, scores=raw)
 
 
 def _attribute_fitting(model, prompts, labels, protocol: ProtocolConfig):

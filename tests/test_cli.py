@@ -117,3 +117,32 @@ def test_print_config_round_trips(tmp_path):
     again = subprocess.run([sys.executable, "-m", "pipeline", "run", "--config", str(config), "--print_config"],
                            capture_output=True, text=True, check=True)
     assert again.stdout == result.stdout and "- 0.2" in result.stdout
+
+
+def test_saved_raw_scores_round_trip(tiny_dir, tmp_path):
+    import torch
+
+    from pipeline import attribute, load_scores
+    from pipeline.config import ModelConfig
+    from pipeline.models.loading import load_model
+    from pipeline.models.prompts import prompt_ids, resolve_template
+
+    out = tmp_path / "run"
+    main(_args(tiny_dir, out, "--protocol.save_scores", "true", "--data.limit", "2"))
+    records = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
+    assert sorted(p.name for p in (out / "scores").iterdir()) == ["demo_0.safetensors", "demo_1.safetensors"]
+    saved = load_scores(out, "demo:1")
+    assert set(saved) == {"magnitude", "cor_gxo"}
+    # recompute independently from the recorded dense output
+    loaded = load_model(ModelConfig(name=str(tiny_dir)))
+    template = resolve_template("auto", loaded.tokenizer)
+    question = next(r["question"] for r in records if r["sample_id"] == "demo:1")
+    prompt = torch.tensor(prompt_ids(loaded.tokenizer, template, question))
+    n = next(r["n_dense_tokens"] for r in records if r["sample_id"] == "demo:1")
+    from pipeline.masking.generation import greedy_generate
+    from pipeline.models.prompts import stop_token_ids
+
+    labels = torch.tensor(greedy_generate(loaded.model, prompt, n, stop_token_ids(loaded.tokenizer, loaded.model))[0])
+    fresh = attribute(loaded.model, prompt, labels, metrics=["cor_gxo"])["cor_gxo"]
+    torch.testing.assert_close(saved["cor_gxo"].neurons, fresh.neurons, rtol=1e-5, atol=1e-7)
+    assert saved["cor_gxo"].heads.shape == fresh.heads.shape

@@ -8,6 +8,7 @@ import lightning as L
 from lightning.pytorch.callbacks import BasePredictionWriter
 
 from pipeline.masking.hooks import hooks_for
+from pipeline.results.raw_scores import save_scores
 from pipeline.results.store import RECORDS, append_records
 
 
@@ -36,4 +37,7 @@ class RecordWriter(BasePredictionWriter):
         return self.run_dir / name
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
-        append_records(self.shard(trainer), prediction)
+        # Scores first: a sample counts as done once its records are on disk.
+        for sample_id, scores in prediction.scores.items():
+            save_scores(self.run_dir, sample_id, scores)
+        append_records(self.shard(trainer), prediction.records)

@@ -20,7 +20,7 @@ class SparseActivationModule(L.LightningModule):
         self.stop_ids = stop_ids
         self.layout = layout_for(model)
 
-    def predict_step(self, batch, batch_idx: int) -> list[dict]:
+    def predict_step(self, batch, batch_idx: int):
         # Records leave through the RecordWriter callback, not through a returned list
         # that Lightning would accumulate (trainer.predict runs with return_predictions=False).
         return evaluate_batch(self.model, self.tokenizer, self.layout, batch, self.template,

@@ -63,7 +63,8 @@ def evaluate(
 
     numbers_affecting = {
         "model": loaded.name, "weights": loaded.weights_id, "dtype": model.dtype, "template": template,
-        "data": asdict(data), "task": task, "protocol": asdict(protocol),
+        "data": asdict(data), "task": task,
+        "protocol": {k: v for k, v in asdict(protocol).items() if k != "save_scores"},  # output only
     }
     info = {
         "fingerprint": fingerprint(numbers_affecting),
