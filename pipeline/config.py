@@ -63,7 +63,8 @@ class ProtocolConfig:
 
     metrics: list[str] = field(default_factory=lambda: list(DEFAULT_METRICS))
     """Scores to evaluate: magnitude, gradient, gxo, snip, ig, cor_gxo (ig costs 2 x layers extra passes),
-    and the label-free wina (weight-informed magnitude)."""
+    and the label-free wina (weight-informed magnitude) and static (magnitude against per-layer
+    thresholds calibrated on other rows, TEAL-style)."""
     levels: list[float] = field(default_factory=lambda: [round(0.1 * i, 1) for i in range(10)])
     """Sparsity levels p in [0, 1)."""
     ig_steps: int = 20
@@ -72,6 +73,9 @@ class ProtocolConfig:
     """Cap on T, the number of generated tokens (T = reference answer length in tokens)."""
     dense_first_step: bool = False
     """Leave decoding step 0 dense, as the authors' scripts did."""
+    calibration_samples: int = 16
+    """static metric only: calibrate its thresholds on this many rows that follow the
+    evaluated slice of the dataset (never on evaluated samples)."""
     save_scores: bool = False
     """Also save every sample's per-token scores (each metric, heads and neurons) as
     safetensors under scores/ in the run directory (load with pipeline.load_scores)."""
@@ -89,6 +93,8 @@ class ProtocolConfig:
             raise UserError("no sparsity levels given")
         if self.ig_steps < 1:
             raise UserError(f"ig_steps must be >= 1, got {self.ig_steps}")
+        if "static" in self.metrics and self.calibration_samples < 1:
+            raise UserError("the static metric needs calibration_samples >= 1")
         if self.max_new_tokens < 1:
             raise UserError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
 

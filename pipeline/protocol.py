@@ -14,6 +14,7 @@ from pipeline.config import ProtocolConfig
 from pipeline.data.sources import Sample
 from pipeline.masking.generation import greedy_generate
 from pipeline.masking.masks import achieved_sparsity, keep_masks
+from pipeline.masking.static import threshold_masks
 from pipeline.measures import bleu_vs_dense, task_score, token_agreement
 from pipeline.models.adapters import UnitLayout
 from pipeline.models.prompts import answer_length, prompt_ids
@@ -37,8 +38,11 @@ def evaluate_batch(
     protocol: ProtocolConfig,
     task: str,
     stop_ids: list[int],
-) -> list[dict]:
+    thresholds: dict | None = None,
+) -> EvaluatedBatch:
     """All (metric, level) records of a batch of samples (and their raw scores if configured).
+
+    ``thresholds`` are the calibrated per-layer magnitude thresholds of the ``static`` metric.
 
     Attribution runs once for the whole batch; decoding runs per sample, each sample's
     (metric, level) rows in one batch that shares the sample's unpadded prompt, so the
@@ -57,7 +61,8 @@ def evaluate_batch(
 
     records = []
     for sample, prompt, labels, sample_scores in zip(samples, prompts, dense, scores):
-        records += _masked_runs(model, tokenizer, layout, sample, prompt, labels, sample_scores, protocol, task, stop_ids)
+        records += _masked_runs(model, tokenizer, layout, sample, prompt, labels, sample_scores, protocol, task,
+                                stop_ids, thresholds)
     raw = {s.id: sc for s, sc in zip(samples, scores)} if protocol.save_scores else {}
     return EvaluatedBatch(records=records, scores=raw)
 
@@ -75,10 +80,22 @@ def _attribute_fitting(model, prompts, labels, protocol: ProtocolConfig):
                 + _attribute_fitting(model, prompts[half:], labels[half:], protocol))
 
 
-def _masked_runs(model, tokenizer, layout, sample, prompt, dense, scores, protocol, task, stop_ids) -> list[dict]:
+def _rounded(values: torch.Tensor) -> list[float]:
+    return [round(v, 4) for v in values.tolist()]
+
+
+def _keep(metric: str, importance: torch.Tensor, kind: str, levels, thresholds) -> torch.Tensor:
+    if metric == "static":
+        return threshold_masks(importance, thresholds[kind])
+    return keep_masks(importance, levels)
+
+
+def _masked_runs(model, tokenizer, layout, sample, prompt, dense, scores, protocol, task, stop_ids,
+                 thresholds) -> list[dict]:
     # Keep masks [levels, T, layers, units] per metric, stacked into rows.
-    head_keep = torch.cat([keep_masks(scores[m].heads, protocol.levels) for m in protocol.metrics])
-    neuron_keep = torch.cat([keep_masks(scores[m].neurons, protocol.levels) for m in protocol.metrics])
+    levels = protocol.levels
+    head_keep = torch.cat([_keep(m, scores[m].heads, "heads", levels, thresholds) for m in protocol.metrics])
+    neuron_keep = torch.cat([_keep(m, scores[m].neurons, "neurons", levels, thresholds) for m in protocol.metrics])
     if protocol.dense_first_step:
         head_keep[:, 0] = True
         neuron_keep[:, 0] = True
@@ -100,6 +117,9 @@ def _masked_runs(model, tokenizer, layout, sample, prompt, dense, scores, protoc
             "level": level,
             # averaged over the steps this row actually decoded
             "sparsity": sparsity[row, : max(1, len(tokens))].mean().item(),
+            # per layer, the kept fraction of heads and of neurons over the decoded steps
+            "kept_heads": _rounded(head_keep[row, : max(1, len(tokens))].float().mean(dim=(0, 2))),
+            "kept_neurons": _rounded(neuron_keep[row, : max(1, len(tokens))].float().mean(dim=(0, 2))),
             "bleu": bleu_vs_dense(tokens, dense, text, dense_text),
             "token_agreement": token_agreement(tokens, dense),
             "task_score": task_score(task, text, sample.reference),

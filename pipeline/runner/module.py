@@ -10,7 +10,8 @@ from pipeline.protocol import evaluate_batch
 
 
 class SparseActivationModule(L.LightningModule):
-    def __init__(self, model, tokenizer, template: str, protocol: ProtocolConfig, task: str, stop_ids: list[int]):
+    def __init__(self, model, tokenizer, template: str, protocol: ProtocolConfig, task: str, stop_ids: list[int],
+                 thresholds: dict | None = None):
         super().__init__()
         self.model = model
         self.tokenizer = tokenizer
@@ -18,10 +19,11 @@ class SparseActivationModule(L.LightningModule):
         self.protocol = protocol
         self.task = task
         self.stop_ids = stop_ids
+        self.thresholds = thresholds  # calibrated thresholds of the static metric
         self.layout = layout_for(model)
 
     def predict_step(self, batch, batch_idx: int):
         # Records leave through the RecordWriter callback, not through a returned list
         # that Lightning would accumulate (trainer.predict runs with return_predictions=False).
         return evaluate_batch(self.model, self.tokenizer, self.layout, batch, self.template,
-                              self.protocol, self.task, self.stop_ids)
+                              self.protocol, self.task, self.stop_ids, self.thresholds)

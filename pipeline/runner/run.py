@@ -6,7 +6,7 @@ import logging
 import signal
 import time
 import warnings
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import lightning as L
@@ -19,6 +19,7 @@ from pipeline.data.datamodule import SampleDataModule
 from pipeline.data.sources import dataset_name, load_samples
 from pipeline.errors import UserError
 from pipeline.models.adapters import layout_for
+from pipeline.masking.static import calibrate
 from pipeline.models.loading import load_model
 from pipeline.models.prompts import resolve_template, stop_token_ids
 from pipeline.results.plot import plot_curves
@@ -27,6 +28,20 @@ from pipeline.results.summary import format_table, summarize, write_summary
 from pipeline.runner.callbacks import MaskingCallback, RecordWriter
 from pipeline.runner.module import SparseActivationModule
 from pipeline.runner.preemption import Preempted, PreemptionCallback, requeue_slurm_job
+
+
+def calibration_samples(data: DataConfig, count: int):
+    """The rows right after the evaluated slice: calibration never sees evaluated samples."""
+    evaluated, _ = load_samples(data)
+    after = int(evaluated[-1].id.rsplit(":", 1)[1]) + 1
+    try:
+        samples, _ = load_samples(replace(data, start=after, limit=count))
+    except UserError:
+        samples = []
+    if len(samples) < count:
+        raise UserError(f"the static metric calibrates on the {count} rows after the evaluated ones, but only "
+                        f"{len(samples)} remain; lower protocol.calibration_samples or data.limit")
+    return samples
 
 
 def peak_memory_gib() -> float:
@@ -84,8 +99,13 @@ def evaluate(
         print(f"resuming {run_dir}: {len(samples) - len(pending)} of {len(samples)} samples already done")
 
     if pending:
-        module = SparseActivationModule(loaded.model, loaded.tokenizer, template, protocol, task,
-                                        stop_token_ids(loaded.tokenizer, loaded.model))
+        stop_ids = stop_token_ids(loaded.tokenizer, loaded.model)
+        thresholds = None
+        if "static" in protocol.metrics:
+            calibration = calibration_samples(data, protocol.calibration_samples)
+            thresholds = calibrate(loaded.model, loaded.tokenizer, template, calibration, protocol.levels,
+                                   protocol.max_new_tokens, stop_ids)
+        module = SparseActivationModule(loaded.model, loaded.tokenizer, template, protocol, task, stop_ids, thresholds)
         preemption = PreemptionCallback()
         trainer = L.Trainer(
             accelerator=run.accelerator, devices=run.devices, num_nodes=run.num_nodes, strategy=run.strategy,

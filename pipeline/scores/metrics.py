@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import torch
 
-METRICS = ("magnitude", "gradient", "gxo", "snip", "ig", "cor_gxo", "wina")
+METRICS = ("magnitude", "gradient", "gxo", "snip", "ig", "cor_gxo", "wina", "static")
 DEFAULT_METRICS = ("magnitude", "gradient", "gxo", "snip", "cor_gxo")
 # Scores a deployed model can compute itself: no labels, no gradients.
-LABEL_FREE = frozenset({"magnitude", "wina"})
+# ``static`` ranks by magnitude against thresholds calibrated ahead of time (masking/static.py).
+LABEL_FREE = frozenset({"magnitude", "wina", "static"})
 NEEDS_GRADIENT = frozenset(METRICS) - LABEL_FREE
 
 
@@ -32,7 +33,7 @@ def wina_neuron_scores(x: torch.Tensor, column_norms: torch.Tensor) -> torch.Ten
 
 
 def head_scores(metric: str, x: torch.Tensor, g: torch.Tensor | None) -> torch.Tensor:
-    if metric == "magnitude":
+    if metric in ("magnitude", "static"):
         return x.norm(dim=-1)
     if metric == "gradient":
         return -g.mean(-1)
@@ -48,7 +49,7 @@ def head_scores(metric: str, x: torch.Tensor, g: torch.Tensor | None) -> torch.T
 
 
 def neuron_scores(metric: str, x: torch.Tensor, g: torch.Tensor | None) -> torch.Tensor:
-    if metric == "magnitude":
+    if metric in ("magnitude", "static"):
         return x.abs()
     if metric == "gradient":
         return -g
