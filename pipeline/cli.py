@@ -28,6 +28,45 @@ def run(
     evaluate(model, data, protocol, run)
 
 
+def sweep(
+    models: list[ModelConfig] = [ModelConfig(name="smollm2-135m"), ModelConfig(name="gemma3-270m")],  # noqa: B006
+    datasets: list[DataConfig] = [DataConfig()],  # noqa: B006
+    protocol: ProtocolConfig = ProtocolConfig(),
+    run: RunConfig = RunConfig(),
+    root: str = "runs/sweep",
+    slurm: bool = False,
+) -> None:
+    """Run every model on every dataset, one run directory per cell under ``root``.
+
+    A killed sweep rerun with the same file finishes only what is missing.
+
+    Args:
+        models: Models, each as in ``sparseact run --model``.
+        datasets: Datasets, each as in ``sparseact run --data``.
+        protocol: One protocol for every cell.
+        run: Hardware and batch options for every cell (output_dir is set per cell).
+        root: Directory that holds one run directory per (model, dataset) cell.
+        slurm: Write one config per cell and the job-array command instead of running.
+    """
+    from pipeline.sweep import run_sweep
+
+    run_sweep(models, datasets, protocol, run, root, slurm)
+
+
+def report(runs: list[str] | str, output: str | None = None, heatmap_metric: str = "cor_gxo", heatmap_level: float = 0.5) -> None:
+    """Summarise run directories (or sweep roots) in one report.html and report.md.
+
+    Args:
+        runs: A run directory, a directory of runs (a sweep root), or a list of them.
+        output: Directory for report.html and report.md (default: the first argument).
+        heatmap_metric: Score whose per-layer kept fractions the heatmap shows.
+        heatmap_level: Sparsity level the heatmap shows.
+    """
+    from pipeline.results.report import write_report
+
+    write_report([runs] if isinstance(runs, str) else runs, output, heatmap_metric, heatmap_level)
+
+
 def main(argv: list[str] | None = None) -> None:
     import jsonargparse
     from jsonargparse import CLI
@@ -38,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
     except (AttributeError, TypeError):  # older jsonargparse
         jsonargparse.set_docstring_parse_options(attribute_docstrings=True)
     try:
-        CLI({"run": run}, args=argv, as_positional=False)
+        CLI({"run": run, "sweep": sweep, "report": report}, args=argv, as_positional=False)
     except UserError as error:
         print(f"sparseact: error: {error}", file=sys.stderr)
         sys.exit(2)

@@ -58,7 +58,7 @@ def headline(rows: list[dict]) -> dict[str, float]:
     return {metric: max_sparsity_within_loss(points) for metric, points in by_metric.items()}
 
 
-def write_summary(run_dir: Path, rows: list[dict], info: dict) -> dict[str, float]:
+def write_summary(run_dir: Path, rows: list[dict], info: dict, session: dict | None = None) -> dict[str, float]:
     best = headline(rows)
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=["metric", "level", "n", *MEASURES, "accuracy_loss"])
@@ -70,6 +70,7 @@ def write_summary(run_dir: Path, rows: list[dict], info: dict) -> dict[str, floa
         "dataset": info["dataset"],
         "fingerprint": info["fingerprint"],
         "max_sparsity_within_5pct_loss": best,
+        "last_session": session or {},  # wall time, device, versions of the run that wrote this
         "rows": rows,
     }
     atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")

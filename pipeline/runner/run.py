@@ -44,6 +44,22 @@ def calibration_samples(data: DataConfig, count: int):
     return samples
 
 
+def session_info(started: float, model) -> dict:
+    import datetime
+    import importlib.metadata as metadata
+
+    device = next(model.parameters()).device
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    versions = {}
+    for package in ("sparseact", "torch", "transformers", "lightning"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    return {"finished_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "wall_s": round(time.time() - started, 1), "device": name, "versions": versions}
+
+
 def peak_memory_gib() -> float:
     """Peak GPU memory allocated, or the process's peak resident memory on CPU."""
     if torch.cuda.is_available() and torch.cuda.max_memory_allocated() > 0:
@@ -70,6 +86,7 @@ def evaluate(
     """Run the protocol and write the run directory; returns its path."""
     model, data, protocol, run = model or ModelConfig(), data or DataConfig(), protocol or ProtocolConfig(), run or RunConfig()
     _quiet()
+    session_started = time.time()
     validate(model, data, protocol, run)
     samples, task = load_samples(data)
     loaded = load_model(model)
@@ -135,7 +152,7 @@ def evaluate(
     if not records:
         raise UserError(f"no records in {run_dir}")
     rows = summarize(records)
-    best = write_summary(run_dir, rows, info)
+    best = write_summary(run_dir, rows, info, session_info(session_started, loaded.model))
     if run.plot:
         plot_curves(rows, run_dir / "curves.png", f"{model.name} on {dataset_name(data)} ({len(samples)} samples)")
     print(format_table(best, rows))

@@ -1,0 +1,89 @@
+"""The HTML report, rendered in headless Chromium: a non-empty screenshot, every run's row and plot."""
+
+import os
+import re
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+from conftest import make_tiny_checkpoint
+
+from pipeline.cli import main
+
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--hide-scrollbars", "--virtual-time-budget=5000"]
+
+
+def _chromium():
+    binary = shutil.which("chromium") or shutil.which("chromium-browser")
+    if binary is None:
+        if os.environ.get("SPARSEACT_REQUIRE_CHROMIUM") == "1":
+            pytest.fail("chromium is not installed")
+        pytest.skip("chromium is not installed (apt-get install chromium)")
+    return binary
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sweep")
+    tiny = make_tiny_checkpoint(root / "tiny")
+    config = root / "sweep.yaml"
+    config.write_text(f"""models: [{{name: {tiny}}}]
+datasets: [{{limit: 4}}, {{limit: 3, start: 10}}]
+protocol: {{metrics: [magnitude, cor_gxo, wina], levels: [0.0, 0.3, 0.6, 0.9], max_new_tokens: 6}}
+run: {{progress: false}}
+root: {root / "runs"}
+""")
+    main(["sweep", "--config", str(config)])
+    return root / "runs"
+
+
+def test_report_renders_in_chromium(two_runs, tmp_path):
+    binary = _chromium()
+    runs = sorted(p.name for p in two_runs.iterdir())
+    assert len(runs) == 2
+    main(["report", "--runs", str(two_runs), "--output", str(tmp_path)])
+    page = (tmp_path / "report.html").as_uri()
+
+    dom = subprocess.run([binary, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile1'}", "--dump-dom", page],
+                         capture_output=True, text=True, timeout=120).stdout
+    for run in runs:
+        assert dom.count(f'data-run="{run}"') == 3  # one table row per score
+        assert f'id="run-{run}"' in dom
+        assert f'alt="curves {run}"' in dom and f'alt="layers {run}"' in dom
+    loaded = re.search(r'data-images-loaded="(\d+)"', dom)
+    total = re.search(r'data-images="(\d+)"', dom)
+    assert loaded and total and loaded.group(1) == total.group(1) == str(2 * len(runs))  # every plot decoded
+
+    shot = tmp_path / "shot.png"
+    subprocess.run([binary, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile2'}", "--window-size=1100,2600",
+                    f"--screenshot={shot}", page], capture_output=True, timeout=120)
+    import matplotlib.image
+
+    pixels = matplotlib.image.imread(shot)
+    assert pixels.shape[0] == 2600 and pixels.shape[1] == 1100
+    assert np.std(pixels[..., :3]) > 0.05  # not a blank page
+    assert (tmp_path / "report.md").read_text().count("| ") > 6
+
+
+def test_sweep_rerun_skips_finished_cells(two_runs, capsys):
+    config = two_runs.parent / "sweep.yaml"
+    before = {p: p.read_bytes() for p in two_runs.rglob("records*.jsonl")}
+    main(["sweep", "--config", str(config)])
+    out = capsys.readouterr().out
+    assert out.count("samples already done") == 2
+    assert {p: p.read_bytes() for p in two_runs.rglob("records*.jsonl")} == before
+
+
+def test_sweep_writes_slurm_cells(two_runs, tmp_path, capsys):
+    config = two_runs.parent / "sweep.yaml"
+    main(["sweep", "--config", str(config), "--root", str(tmp_path / "cells_root"), "--slurm", "true"])
+    listing = (tmp_path / "cells_root" / "cells.txt").read_text().splitlines()
+    assert len(listing) == 2 and all(line.endswith(".yaml") for line in listing)
+    assert "sbatch --array=0-1 slurm/array.sbatch" in capsys.readouterr().out
+    for line in listing:  # each cell config is a valid `sparseact run --config`
+        with pytest.raises(SystemExit) as exit_info:
+            main(["run", "--config", line, "--print_config"])
+        assert exit_info.value.code == 0
