@@ -11,7 +11,9 @@ from pipeline.config import DataConfig, ModelConfig, ProtocolConfig, RunConfig, 
 from pipeline.models.adapters import layout_for
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-YAML_FILES = sorted(CONFIGS.rglob("*.yaml"))
+SWEEP_DIR = CONFIGS / "sweep"
+RUN_FILES = sorted(p for p in CONFIGS.rglob("*.yaml") if SWEEP_DIR not in p.parents)
+SWEEP_FILES = sorted(SWEEP_DIR.glob("*.yaml"))
 
 # The architecture behind each model config, built tiny and random here (the real
 # weights are not downloaded in tests). MobiLlama ships remote code: not checkable offline.
@@ -22,7 +24,7 @@ ARCHITECTURE = {
 }
 
 
-@pytest.mark.parametrize("path", YAML_FILES, ids=lambda p: str(p.relative_to(CONFIGS)))
+@pytest.mark.parametrize("path", RUN_FILES, ids=lambda p: str(p.relative_to(CONFIGS)))
 def test_config_parses_and_validates(path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["run", "--config", str(path), "--print_config"])
@@ -30,6 +32,23 @@ def test_config_parses_and_validates(path, capsys):
     merged = yaml.safe_load(capsys.readouterr().out)
     validate(ModelConfig(**merged["model"]), DataConfig(**merged["data"]), ProtocolConfig(**merged["protocol"]),
              RunConfig(**merged["run"]))
+
+
+@pytest.mark.parametrize("path", SWEEP_FILES, ids=lambda p: str(p.relative_to(CONFIGS)))
+def test_sweep_config_parses_and_validates(path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["sweep", "--config", str(path), "--print_config"])
+    assert exit_info.value.code == 0
+    merged = yaml.safe_load(capsys.readouterr().out)
+    protocol, run = ProtocolConfig(**merged["protocol"]), RunConfig(**merged["run"])
+    assert merged["models"] and merged["datasets"]
+    for model in merged["models"]:
+        for data in merged["datasets"]:
+            validate(ModelConfig(**model), DataConfig(**data), protocol, run)
+
+
+def test_every_config_file_is_checked():
+    assert set(RUN_FILES) | set(SWEEP_FILES) == set(CONFIGS.rglob("*.yaml")) and SWEEP_FILES
 
 
 @pytest.mark.parametrize("name", sorted(ARCHITECTURE))
