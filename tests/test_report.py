@@ -87,3 +87,46 @@ def test_sweep_writes_slurm_cells(two_runs, tmp_path, capsys):
         with pytest.raises(SystemExit) as exit_info:
             main(["run", "--config", line, "--print_config"])
         assert exit_info.value.code == 0
+
+
+def _synthetic_run(run_dir, rng, gz: bool):
+    """A run directory written by hand: 7 samples x 2 scores x 3 levels with random measures."""
+    import gzip
+    import json
+
+    run_dir.mkdir(parents=True)
+    (run_dir / "run.json").write_text(json.dumps({"fingerprint": "f" * 16, "dataset": "gsm8k",
+                                                  "config": {"model": {"name": "tiny"}}}))
+    records = [{"sample_id": f"gsm8k:{i}", "metric": metric, "level": level, "sparsity": float(rng.uniform(0, level)),
+                "bleu": float(rng.uniform(0, 100)), "task_score": float(rng.choice([0.0, 100.0])),
+                "dense_task_score": 100.0 * (i % 2), "kept_heads": [1.0], "kept_neurons": [1.0]}
+               for i in range(7) for metric in ("cor_gxo", "magnitude") for level in (0.0, 0.5, 0.8)]
+    text = "".join(json.dumps(r) + "\n" for r in records)
+    if gz:
+        (run_dir / "records.jsonl.gz").write_bytes(gzip.compress(text.encode()))
+    else:
+        (run_dir / "records.jsonl").write_text(text)
+    return records
+
+
+def test_task_table_matches_direct_means_and_reads_gzipped_records(tmp_path):
+    from pipeline.results.report import RunData
+
+    plain = _synthetic_run(tmp_path / "plain", np.random.default_rng(3), gz=False)
+    _synthetic_run(tmp_path / "gz", np.random.default_rng(3), gz=True)
+    run, zipped = RunData(tmp_path / "plain"), RunData(tmp_path / "gz")
+    assert sorted(map(str, zipped.records)) == sorted(map(str, run.records))
+
+    m = run.metrics.index("magnitude")
+    point = run.at_level(m, 0.8)
+    chosen = [r for r in plain if r["metric"] == "magnitude" and r["level"] == 0.8]
+    assert point["sparsity"] == pytest.approx(sum(r["sparsity"] for r in chosen) / 7)
+    assert point["bleu"][0] == pytest.approx(sum(r["bleu"] for r in chosen) / 7)
+    assert point["task"][0] == pytest.approx(sum(r["task_score"] for r in chosen) / 7)
+    assert point["dense_task"][0] == pytest.approx(300 / 7)
+    assert point["task"][1] <= point["task"][0] <= point["task"][2]
+    assert run.at_level(m, 0.3) is None  # a level the run does not have is not guessed
+
+    main(["report", "--runs", str(tmp_path / "gz"), "--output", str(tmp_path / "out")])
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert md.count("| tiny | gsm8k |") == 2 + 2 * 2  # headline rows + task rows at 0.5 and 0.8

@@ -60,9 +60,12 @@ class RunData:
         index = {s: i for i, s in enumerate(self.samples)}
         shape = (len(self.metrics), len(self.levels), len(self.samples))
         self.bleu, self.sparsity = np.full(shape, np.nan), np.full(shape, np.nan)
+        self.task, self.dense_task = np.full(shape, np.nan), np.full(shape, np.nan)
         for r in self.records:
             key = (self.metrics.index(r["metric"]), self.levels.index(r["level"]), index[r["sample_id"]])
             self.bleu[key], self.sparsity[key] = r["bleu"], r["sparsity"]
+            if r.get("task_score") is not None:
+                self.task[key], self.dense_task[key] = r["task_score"], r["dense_task_score"]
         # bootstrap replicates of the per-(metric, level) means, resampling samples
         rng = np.random.default_rng(0)
         picks = rng.integers(0, len(self.samples), size=(BOOTSTRAP, len(self.samples)))
@@ -84,6 +87,25 @@ class RunData:
         replicates = [best(self.boot_sparsity[m, :, b], self.boot_bleu[m, :, b]) for b in range(BOOTSTRAP)]
         low, high = np.percentile(replicates, [2.5, 97.5])
         return point, float(low), float(high)
+
+    def at_level(self, m: int, level: float) -> dict | None:
+        """Means at the run's level nearest to ``level``, with 95% bootstrap intervals over
+        samples: achieved sparsity, BLEU vs dense (fidelity) and the task score."""
+        nearest = min(self.levels, key=lambda p: abs(p - level))
+        if abs(nearest - level) > 1e-6:
+            return None
+        li = self.levels.index(nearest)
+        rng = np.random.default_rng(1)
+        picks = rng.integers(0, len(self.samples), size=(BOOTSTRAP, len(self.samples)))
+
+        def with_interval(values):
+            if np.all(np.isnan(values)):
+                return None
+            return (float(np.nanmean(values)), *np.percentile(np.nanmean(values[picks], axis=-1), [2.5, 97.5]).tolist())
+
+        return {"level": nearest, "sparsity": float(np.nanmean(self.sparsity[m, li])),
+                "bleu": with_interval(self.bleu[m, li]), "task": with_interval(self.task[m, li]),
+                "dense_task": with_interval(self.dense_task[m, li])}
 
     def kept_per_layer(self, metric: str, level: float):
         """Mean kept fraction per layer at the run's level nearest to ``level``: (level, heads, neurons)."""
@@ -144,6 +166,31 @@ def heatmap_plot(run: RunData, metric: str, level: float) -> bytes | None:
     return _png(fig)
 
 
+TABLE_LEVELS = (0.5, 0.8)
+
+
+def _task_table(runs: list[RunData]) -> tuple[list[str], list[str]]:
+    """Rows (HTML and Markdown) of fidelity and task score at TABLE_LEVELS per run and score."""
+    def show(value):
+        return "n/a" if value is None else f"{value[0]:.1f} [{value[1]:.1f}, {value[2]:.1f}]"
+
+    html_rows = []
+    md = ["| model | dataset | score | level | achieved sparsity | BLEU vs dense [95%] | task score [95%] "
+          "| dense task score |", "|---|---|---|---|---|---|---|---|"]
+    for run in runs:
+        for m, metric in enumerate(run.metrics):
+            for level in TABLE_LEVELS:
+                point = run.at_level(m, level)
+                if point is None:
+                    continue
+                dense = "n/a" if point["dense_task"] is None else f"{point['dense_task'][0]:.1f}"
+                cells = [run.model, run.dataset, metric, f"{point['level']:.1f}", f"{point['sparsity']:.3f}",
+                         show(point["bleu"]), show(point["task"]), dense]
+                html_rows.append('<tr class="task-row">' + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
+                md.append("| " + " | ".join(cells) + " |")
+    return html_rows, md + [""]
+
+
 def write_report(paths: list[str], output: str | None, heatmap_metric: str, heatmap_level: float) -> Path:
     runs = [RunData(p) for p in find_runs(paths)]
     out = Path(output or paths[0])
@@ -162,6 +209,8 @@ def write_report(paths: list[str], output: str | None, heatmap_metric: str, heat
                               + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
             md.append("| " + " | ".join(cells) + " |")
     md.append("")
+    task_rows, task_md = _task_table(runs)
+    md += task_md
     for run in runs:
         curve = curve_plot(run)
         (assets / f"{run.name}_curves.png").write_bytes(curve)
@@ -201,6 +250,11 @@ deployable scores; solid lines are attribution oracles.</p>
 <h2>Highest achieved sparsity within 5% accuracy loss</h2>
 <table id="headline"><tr><th>model</th><th>dataset</th><th>score</th><th>max sparsity</th><th>95% interval</th>
 <th>samples</th></tr>{"".join(table_rows)}</table>
+<h2>Fidelity and task accuracy at fixed levels</h2>
+<p>Fidelity is BLEU against the dense output; the task score is exact match in % (GSM8K) or BLEU
+against the reference answer (TruthfulQA), next to the dense model's own task score.</p>
+<table id="task"><tr><th>model</th><th>dataset</th><th>score</th><th>level</th><th>achieved sparsity</th>
+<th>BLEU vs dense [95%]</th><th>task score [95%]</th><th>dense task score</th></tr>{"".join(task_rows)}</table>
 {"".join(sections)}
 <script>
 // lets a headless browser check that every plot decoded

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import os
@@ -68,8 +69,10 @@ def read_records(run_dir: Path) -> list[dict]:
     on resume appears twice on disk; the later copy wins, so nothing is counted twice.
     """
     records: dict[tuple, dict] = {}
-    for path in sorted(run_dir.glob("records*.jsonl")):
-        for line in path.read_text().splitlines():
+    # Published runs keep their records gzipped (records.jsonl.gz); live runs append to .jsonl.
+    for path in sorted(run_dir.glob("records*.jsonl.gz")) + sorted(run_dir.glob("records*.jsonl")):
+        text = gzip.decompress(path.read_bytes()).decode() if path.suffix == ".gz" else path.read_text()
+        for line in text.splitlines():
             try:
                 record = json.loads(line)
                 records[(record["sample_id"], record["metric"], record["level"])] = record
