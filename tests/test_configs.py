@@ -25,22 +25,24 @@ ARCHITECTURE = {
 }
 
 
+def _merged_config(subcommand: str, path: Path, capsys) -> dict:
+    """What ``sparseact <subcommand> --config path --print_config`` prints, parsed."""
+    with pytest.raises(SystemExit) as exit_info:
+        main([subcommand, "--config", str(path), "--print_config"])
+    assert exit_info.value.code == 0
+    return yaml.safe_load(capsys.readouterr().out)
+
+
 @pytest.mark.parametrize("path", RUN_FILES, ids=lambda p: str(p.relative_to(CONFIGS)))
 def test_config_parses_and_validates(path, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main(["run", "--config", str(path), "--print_config"])
-    assert exit_info.value.code == 0
-    merged = yaml.safe_load(capsys.readouterr().out)
+    merged = _merged_config("run", path, capsys)
     validate(ModelConfig(**merged["model"]), DataConfig(**merged["data"]), ProtocolConfig(**merged["protocol"]),
              RunConfig(**merged["run"]))
 
 
 @pytest.mark.parametrize("path", SWEEP_FILES, ids=lambda p: str(p.relative_to(CONFIGS)))
 def test_sweep_config_parses_and_validates(path, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main(["sweep", "--config", str(path), "--print_config"])
-    assert exit_info.value.code == 0
-    merged = yaml.safe_load(capsys.readouterr().out)
+    merged = _merged_config("sweep", path, capsys)
     protocol, run = ProtocolConfig(**merged["protocol"]), RunConfig(**merged["run"])
     assert merged["models"] and merged["datasets"]
     for model in merged["models"]:
