@@ -89,8 +89,8 @@ def test_sweep_writes_slurm_cells(two_runs, tmp_path, capsys):
         assert exit_info.value.code == 0
 
 
-def _synthetic_run(run_dir, rng, gz: bool):
-    """A run directory written by hand: 7 samples x 2 scores x 3 levels with random measures."""
+def _synthetic_run(run_dir, rng, gz: bool, metrics=("cor_gxo", "magnitude")):
+    """A run directory written by hand: 7 samples x the scores x 3 levels with random measures."""
     import gzip
     import json
 
@@ -100,7 +100,7 @@ def _synthetic_run(run_dir, rng, gz: bool):
     records = [{"sample_id": f"gsm8k:{i}", "metric": metric, "level": level, "sparsity": float(rng.uniform(0, level)),
                 "bleu": float(rng.uniform(0, 100)), "task_score": float(rng.choice([0.0, 100.0])),
                 "dense_task_score": 100.0 * (i % 2), "kept_heads": [1.0], "kept_neurons": [1.0]}
-               for i in range(7) for metric in ("cor_gxo", "magnitude") for level in (0.0, 0.5, 0.8)]
+               for i in range(7) for metric in metrics for level in (0.0, 0.5, 0.8)]
     text = "".join(json.dumps(r) + "\n" for r in records)
     if gz:
         (run_dir / "records.jsonl.gz").write_bytes(gzip.compress(text.encode()))
@@ -130,3 +130,26 @@ def test_task_table_matches_direct_means_and_reads_gzipped_records(tmp_path):
     main(["report", "--runs", str(tmp_path / "gz"), "--output", str(tmp_path / "out")])
     md = (tmp_path / "out" / "report.md").read_text()
     assert md.count("| tiny | gsm8k |") == 2 + 2 * 2  # headline rows + task rows at 0.5 and 0.8
+
+
+def test_heatmap_defaults_to_static_and_falls_back_to_first_score(tmp_path):
+    rng = np.random.default_rng(4)
+    _synthetic_run(tmp_path / "runs" / "topk", rng, gz=False)  # cor_gxo and magnitude, no static
+    _synthetic_run(tmp_path / "runs" / "calibrated", rng, gz=False, metrics=("magnitude", "static"))
+    main(["report", "--runs", str(tmp_path / "runs"), "--output", str(tmp_path / "out")])
+    page = (tmp_path / "out" / "report.html").read_text()
+    md = (tmp_path / "out" / "report.md").read_text()
+    note = "Top-k scores keep floor(p·n)/n of every layer by construction (SPEC §5)"
+
+    # without static the run still gets a heatmap, of its first score, flagged as flat by construction
+    assert (tmp_path / "out" / "report_assets" / "topk_layers.png").exists()
+    topk = page.split('id="run-topk"')[1].split("</section>")[0]
+    assert 'alt="layers topk"' in topk and "Kept fraction per layer: cor_gxo at p = 0.5." in topk
+    assert note in topk and f"*Kept fraction per layer: cor_gxo at p = 0.5. {note}" in md
+
+    # with static the default shows it, without the top-k note
+    calibrated = page.split('id="run-calibrated"')[1].split("</section>")[0]
+    assert 'alt="layers calibrated"' in calibrated
+    assert "Kept fraction per layer: static at p = 0.5.</p>" in calibrated and note not in calibrated
+    assert "*Kept fraction per layer: static at p = 0.5.*" in md
+    assert md.count("- wall time of last session (s): ") == 2 and "- wall time (s)" not in md

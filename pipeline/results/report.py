@@ -4,7 +4,8 @@ Per (model, dataset): BLEU against activation ratio, one line per score, with a
 shaded 95% bootstrap interval over samples (label-free, deployable scores dashed
 next to the attribution oracles); a table of the highest achieved sparsity within 5%
 accuracy loss per score x model x dataset, with its bootstrap interval; a heatmap of
-the kept fraction per layer for one score and level; and each run's metadata.
+the kept fraction per layer for one score and level (``static`` by default: the top-k
+scores keep the same fraction of every layer by construction); and each run's metadata.
 """
 
 from __future__ import annotations
@@ -149,11 +150,21 @@ def curve_plot(run: RunData) -> bytes:
     return _png(fig)
 
 
-def heatmap_plot(run: RunData, metric: str, level: float) -> bytes | None:
+def heatmap_plot(run: RunData, metric: str, level: float) -> tuple[bytes, str] | None:
+    """The kept-fraction heatmap and its caption, for ``metric`` or, when the run lacks it,
+    the run's first score (so that every run still gets a heatmap)."""
+    if metric not in run.metrics:
+        metric = run.metrics[0]
     kept = run.kept_per_layer(metric, level)
     if kept is None:
         return None
     level, *kept = kept
+    caption = f"Kept fraction per layer: {metric} at p = {level}."
+    # only static has per-layer thresholds; every other score switches off floor(p*n) units
+    # per layer, so its heatmap is flat and says nothing about the layers
+    if metric != "static":
+        caption += (" Top-k scores keep floor(p·n)/n of every layer by construction (SPEC §5);"
+                    " use --heatmap_metric static for thresholds calibrated per layer.")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 1.6))
@@ -163,7 +174,7 @@ def heatmap_plot(run: RunData, metric: str, level: float) -> bytes | None:
     ax.title.set_fontsize(9)
     fig.colorbar(image, ax=ax, fraction=0.03)
     fig.tight_layout()
-    return _png(fig)
+    return _png(fig), caption
 
 
 TABLE_LEVELS = (0.5, 0.8)
@@ -217,15 +228,18 @@ def write_report(paths: list[str], output: str | None, heatmap_metric: str, heat
         images = [f'<img class="curve" alt="curves {html.escape(run.name)}" src="data:image/png;base64,'
                   f'{base64.b64encode(curve).decode()}">']
         md += [f"## {run.model} on {run.dataset}", "", f"![curves](report_assets/{run.name}_curves.png)", ""]
-        heat = heatmap_plot(run, heatmap_metric, heatmap_level)
-        if heat is not None:
+        heatmap = heatmap_plot(run, heatmap_metric, heatmap_level)
+        if heatmap is not None:
+            heat, caption = heatmap
             (assets / f"{run.name}_layers.png").write_bytes(heat)
             images.append(f'<img class="heatmap" alt="layers {html.escape(run.name)}" src="data:image/png;base64,'
-                          f'{base64.b64encode(heat).decode()}">')
-            md += [f"![kept per layer](report_assets/{run.name}_layers.png)", ""]
+                          f'{base64.b64encode(heat).decode()}"><p class="caption">{html.escape(caption)}</p>')
+            md += [f"![kept per layer](report_assets/{run.name}_layers.png)", "", f"*{caption}*", ""]
         session = run.summary.get("last_session", {})
+        # wall_s covers only the last invocation (a resumed run shows just its tail), hence the key
         meta = {"run directory": str(run.dir), "config fingerprint": run.info["fingerprint"],
-                "finished": session.get("finished_utc", "?"), "wall time (s)": session.get("wall_s", "?"),
+                "finished": session.get("finished_utc", "?"),
+                "wall time of last session (s)": session.get("wall_s", "?"),
                 "device": session.get("device", "?"),
                 "versions": ", ".join(f"{k} {v}" for k, v in session.get("versions", {}).items()) or "?"}
         meta_html = "".join(f"<dt>{html.escape(k)}</dt><dd>{html.escape(str(v))}</dd>" for k, v in meta.items())
