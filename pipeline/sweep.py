@@ -69,4 +69,4 @@ def run_sweep(models: list[ModelConfig], datasets: list[DataConfig], protocol: P
     for name, model, data, cell_run in tqdm(grid, desc="sweep", unit="cell", position=0):
         print(f"\n== {name}")
         evaluate(model, data, protocol, cell_run)
-    print(f"\nsweep done: {len(grid)} cells under {root_dir}; `sparseact report {root_dir}` summarises them")
+    print(f"\nsweep done: {len(grid)} cells under {root_dir}; `sparseact report --runs {root_dir}` summarises them")

@@ -36,3 +36,21 @@ def test_bundled_model_end_to_end(name, tmp_path):
             assert r["bleu"] == 100.0 and r["token_agreement"] == 1.0
         else:
             assert 0.3 < r["sparsity"] < 0.6
+
+
+def test_character_level_gguf_tokenizer_is_refused():
+    """transformers 5.17 converts Gemma-3's GGUF tokenizer letter by letter; that must stop the load."""
+    from pipeline.errors import UserError
+    from pipeline.models.loading import check_gguf_tokenizer
+
+    class Letters:
+        def __call__(self, text, add_special_tokens=True):
+            return type("Encoding", (), {"input_ids": [ord(c) for c in text]})()
+
+    class Words:
+        def __call__(self, text, add_special_tokens=True):
+            return type("Encoding", (), {"input_ids": list(range(len(text.split()) + 1))})()
+
+    check_gguf_tokenizer(Words(), "gemma3-270m")
+    with pytest.raises(UserError, match="character by character"):
+        check_gguf_tokenizer(Letters(), "gemma3-270m")

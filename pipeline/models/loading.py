@@ -91,6 +91,24 @@ def bundled_gguf(name: str, cache_dir: Path) -> Path:
     return target
 
 
+def check_gguf_tokenizer(tokenizer, name: str) -> None:
+    """Refuse a tokenizer that a transformers release converted from GGUF without its merges.
+
+    transformers 5.17 turns Gemma-3's GGUF vocabulary into a character-level tokenizer
+    (weights are fine, every word becomes one token per letter), and the model then
+    answers with repeated fragments. Caught here so that no such tokenizer is cached
+    and no run is scored with it.
+    """
+    probe = "The quick brown fox jumps over the lazy dog."
+    ids = tokenizer(probe, add_special_tokens=False).input_ids
+    if len(ids) > len(probe.split()) * 2:
+        import transformers
+
+        raise UserError(f"transformers {transformers.__version__} converted the tokenizer of '{name}' from GGUF "
+                        f"character by character ({len(ids)} tokens for a 9-word sentence); install another "
+                        "transformers release (5.24 converts it correctly)")
+
+
 def _load_bundled(config: ModelConfig, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -100,6 +118,7 @@ def _load_bundled(config: ModelConfig, dtype: torch.dtype):
     cached = cache_dir / "models" / f"{config.name}-{digest[:16]}"
     if not (cached / "config.json").exists():
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        check_gguf_tokenizer(tokenizer, config.name)
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
         staging = cached.with_name(cached.name + f".tmp{os.getpid()}")
         staging.mkdir(parents=True, exist_ok=True)
