@@ -1,0 +1,50 @@
+"""Print the numbers behind the README's "Results" section from the published runs.
+
+For every (model, dataset) under results/paper_slm (CPU) and results/paper_ig (GPU, adds
+IG): the highest achieved sparsity within 5% BLEU loss against the dense output per
+score, with its 95% bootstrap interval over questions, and fidelity and task score at
+level 0.5. Run from the repository root: python results/claims.py
+"""
+
+from pathlib import Path
+
+from pipeline.errors import UserError
+from pipeline.results.report import RunData, find_runs
+
+ROOT = Path(__file__).resolve().parent
+
+
+def fmt(point, low, high, digits=3):
+    return f"{point:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
+
+
+def main() -> None:
+    cells: dict[tuple, dict] = {}
+    for run_dir in find_runs([str(ROOT / "paper_slm"), str(ROOT / "paper_ig")]):
+        try:
+            run = RunData(run_dir)
+        except UserError as error:  # a run still starting
+            print(f"skipped: {error}")
+            continue
+        cell = cells.setdefault((run.model, run.dataset), {})
+        for m, metric in enumerate(run.metrics):
+            # the CPU run is the reference; the GPU run only adds the scores it lacks (IG)
+            if metric in cell:
+                continue
+            level = run.at_level(m, 0.5)
+            cell[metric] = {"headline": run.headline(m), "samples": len(run.samples), "at_half": level,
+                            "where": run_dir.parent.name}
+    print("| model | dataset | score | questions | max sparsity within 5% loss [95%] "
+          "| at p=0.5: achieved sparsity, BLEU vs dense [95%], task score [95%] (dense) |")
+    print("|---|---|---|---|---|---|")
+    for (model, dataset), cell in sorted(cells.items()):
+        for metric, row in sorted(cell.items(), key=lambda kv: -kv[1]["headline"][0]):
+            half = row["at_half"]
+            at_half = (f"{half['sparsity']:.3f}, {fmt(*half['bleu'], digits=1)}, "
+                       f"{fmt(*half['task'], digits=1)} ({half['dense_task'][0]:.1f})") if half else "-"
+            gpu = " (GPU)" if row["where"] == "paper_ig" else ""
+            print(f"| {model} | {dataset} | {metric}{gpu} | {row['samples']} | {fmt(*row['headline'])} | {at_half} |")
+
+
+if __name__ == "__main__":
+    main()
