@@ -3,8 +3,8 @@
 Re-runs the first 5 TruthfulQA questions of the published SmolLM2 run with the
 configuration stored in its run.json, and compares every record with the committed
 one. Tolerance: numbers to 1e-6 and identical texts, for at least 95% of the records;
-the rest may differ only where a different CPU's float kernels flip a near-tie in
-greedy decoding (on the machine that produced them all records match exactly).
+the rest may differ only where a different CPU's float kernels flip a near-tie
+between two units' scores, which changes a mask and with it the greedy continuation.
 ``static`` is left out: it calibrates on the rows after the evaluated slice, which
 differ between a 5- and a 100-question slice.
 """
