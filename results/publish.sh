@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The commands that produced results/. Run from the repository root after the README's
-# set-up, with ../shared/data present. About 2.5 hours on a 2-core CPU; a killed run
+# set-up, with ../shared/data present. About 3 hours on a 2-core CPU; a killed run
 # resumes where it stopped (records gzipped below are read back as finished samples).
 set -euo pipefail
 sparseact sweep --config configs/paper/slm_sweep.yaml
