@@ -210,12 +210,13 @@ def write_report(paths: list[str], output: str | None, heatmap_metric: str, heat
     assets.mkdir(exist_ok=True)
 
     table_rows, sections, md = [], [], ["# Sparse activation report", ""]
-    md += ["| model | dataset | score | max sparsity within 5% loss | 95% interval | samples |", "|---|---|---|---|---|---|"]
+    md += ["| model | dataset | score | max sparsity within 5% loss | 95% interval | samples | run |", "|---|---|---|---|---|---|---|"]
     for run in runs:
         for m, metric in enumerate(run.metrics):
             point, low, high = run.headline(m)
             cells = [run.model, run.dataset, metric + (" (label-free)" if metric in LABEL_FREE else ""),
-                     f"{point:.3f}", f"[{low:.3f}, {high:.3f}]", str(len(run.samples))]
+                     # the run column tells apart runs of one model and dataset (another device, dtype or slice)
+                     f"{point:.3f}", f"[{low:.3f}, {high:.3f}]", str(len(run.samples)), run.name]
             table_rows.append(f'<tr class="run-row" data-run="{html.escape(run.name)}">'
                               + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
             md.append("| " + " | ".join(cells) + " |")
@@ -263,7 +264,7 @@ intervals are 95% bootstrap intervals over samples ({BOOTSTRAP} resamples). Dash
 deployable scores; solid lines are attribution oracles.</p>
 <h2>Highest achieved sparsity within 5% accuracy loss</h2>
 <table id="headline"><tr><th>model</th><th>dataset</th><th>score</th><th>max sparsity</th><th>95% interval</th>
-<th>samples</th></tr>{"".join(table_rows)}</table>
+<th>samples</th><th>run</th></tr>{"".join(table_rows)}</table>
 <h2>Fidelity and task accuracy at fixed levels</h2>
 <p>Fidelity is BLEU against the dense output; the task score is exact match in % (GSM8K) or BLEU
 against the reference answer (TruthfulQA), next to the dense model's own task score.</p>
