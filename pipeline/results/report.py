@@ -214,8 +214,8 @@ def write_report(paths: list[str], output: str | None, heatmap_metric: str, heat
     for run in runs:
         for m, metric in enumerate(run.metrics):
             point, low, high = run.headline(m)
+            # the run column tells apart runs of one model and dataset (another device, dtype or slice)
             cells = [run.model, run.dataset, metric + (" (label-free)" if metric in LABEL_FREE else ""),
-                     # the run column tells apart runs of one model and dataset (another device, dtype or slice)
                      f"{point:.3f}", f"[{low:.3f}, {high:.3f}]", str(len(run.samples)), run.name]
             table_rows.append(f'<tr class="run-row" data-run="{html.escape(run.name)}">'
                               + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
