@@ -12,7 +12,7 @@ import torch
 
 from pipeline.config import ProtocolConfig
 from pipeline.data.sources import Sample
-from pipeline.masking.generation import greedy_generate
+from pipeline.masking.generation import dense_generate, masked_after_dense
 from pipeline.masking.masks import achieved_sparsity, keep_masks
 from pipeline.masking.static import threshold_masks
 from pipeline.measures import bleu_vs_dense, task_score, token_agreement
@@ -52,16 +52,16 @@ def evaluate_batch(
 
     # Labels: what the dense model says (SPEC section 3).
     dense = [
-        greedy_generate(model, prompt, answer_length(tokenizer, s.reference, protocol.max_new_tokens), stop_ids)[0]
+        dense_generate(model, prompt, answer_length(tokenizer, s.reference, protocol.max_new_tokens), stop_ids)
         for s, prompt in zip(samples, prompts)
     ]
 
     # Scores [T, layers, units] per metric and sample.
-    scores = _attribute_fitting(model, prompts, [torch.tensor(d) for d in dense], protocol)
+    scores = _attribute_fitting(model, prompts, [torch.tensor(d.tokens) for d in dense], protocol)
 
     records = []
-    for sample, prompt, labels, sample_scores in zip(samples, prompts, dense, scores):
-        records += _masked_runs(model, tokenizer, layout, sample, prompt, labels, sample_scores, protocol, task,
+    for sample, dense_run, sample_scores in zip(samples, dense, scores):
+        records += _masked_runs(model, tokenizer, layout, sample, dense_run, sample_scores, protocol, task,
                                 stop_ids, thresholds)
     raw = {s.id: sc for s, sc in zip(samples, scores)} if protocol.save_scores else {}
     return EvaluatedBatch(records=records, scores=raw)
@@ -90,7 +90,7 @@ def _keep(metric: str, importance: torch.Tensor, kind: str, levels, thresholds) 
     return keep_masks(importance, levels)
 
 
-def _masked_runs(model, tokenizer, layout, sample, prompt, dense, scores, protocol, task, stop_ids,
+def _masked_runs(model, tokenizer, layout, sample, dense_run, scores, protocol, task, stop_ids,
                  thresholds) -> list[dict]:
     # Keep masks [levels, T, layers, units] per metric, stacked into rows.
     levels = protocol.levels
@@ -100,8 +100,9 @@ def _masked_runs(model, tokenizer, layout, sample, prompt, dense, scores, protoc
         head_keep[:, 0] = True
         neuron_keep[:, 0] = True
 
-    # Every (metric, level) row decodes in one batch.
-    outputs = greedy_generate(model, prompt, len(dense), stop_ids, head_keep, neuron_keep)
+    # Every (metric, level) row decodes in one batch, continuing the dense run where they agree with it.
+    dense = dense_run.tokens
+    outputs = masked_after_dense(model, dense_run, head_keep, neuron_keep, stop_ids)
     sparsity = achieved_sparsity(head_keep, neuron_keep, layout)  # [rows, T]
 
     decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True).strip()  # noqa: E731

@@ -35,7 +35,7 @@ def _masked_last_logits(model, ids, head_keep, neuron_keep):
     """Logits of one forward pass with the masks applied by the project's hooks at the last position."""
     hooks = hooks_for(model)
     with hooks:
-        hooks.masks = StepMasks(heads=head_keep[None, None].bool(), neurons=neuron_keep[None, None].bool())
+        hooks.masks = StepMasks(1, hooks.layout, ids.device).load(head_keep[None].bool(), neuron_keep[None].bool())
         return model(input_ids=ids).logits[0, -1]
 
 

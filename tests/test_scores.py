@@ -217,3 +217,16 @@ def test_wina_matches_weight_loop(arch):
                 assert torch.isclose(fast.heads[t, l, h], expected, rtol=1e-9)
             for i in range(N):
                 assert torch.isclose(fast.neurons[t, l, i], xn[i].abs() * w_down[:, i].norm(), rtol=1e-9)
+
+
+def test_shared_neuron_terms_equal_the_formulas():
+    """The fused neuron scores (shared |x|, -g, -g*x) equal each metric's own formula."""
+    from pipeline.scores.metrics import neuron_score_set, neuron_scores
+
+    torch.manual_seed(0)
+    x, g, g_ig = (torch.randn(5, 3, 40, dtype=torch.float64) for _ in range(3))
+    metrics = ["magnitude", "gradient", "gxo", "snip", "cor_gxo", "ig", "static"]
+    fused = neuron_score_set(metrics, x, g, g_ig)
+    for metric in metrics:
+        expected = neuron_scores(metric, x, g_ig if metric == "ig" else g)
+        torch.testing.assert_close(fused[metric], expected, rtol=1e-12, atol=1e-12)

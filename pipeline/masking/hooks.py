@@ -3,11 +3,11 @@
 Each layer's head-output point and neuron point (see ``models/adapters.py``) gets one
 pre-hook. What the hook does depends on the state set on ``UnitHooks``:
 
-* ``probe`` (attribution): read the units' outputs at the attributed positions and add
-  a zero "probe" tensor there, whose gradient is dL/d(unit output); optionally scale
-  one layer's units by alpha first (integrated gradients).
+* ``probe`` (attribution): record the hook point's input, the units' outputs, so that
+  dL/d(unit output) can be taken with respect to it; optionally scale one layer's
+  units by alpha first (integrated gradients).
 * ``masks`` (generation): multiply the units at the position being computed (the last
-  one) by that decoding step's 0/1 mask.
+  one) by that decoding step's 0/1 mask (``StepMasks``).
 
 Both are off by default, so an installed ``UnitHooks`` leaves the model's numbers alone.
 """
@@ -26,68 +26,70 @@ HEADS, NEURONS = "heads", "neurons"
 
 @dataclass
 class Probe:
-    """Attribution state: positions to read, optional IG scaling, and what was captured.
+    """Attribution state: what the hooks record, and optional IG scaling.
 
-    ``positions`` is ``[batch, T]``: for each row, the sequence positions whose unit
-    outputs are attributed (the positions that predict the labels).
-    ``scale`` is ``(kind, layer, alpha)`` with ``alpha`` of shape ``[batch]``: only that
-    layer's units of that kind are scaled, and only at the attributed positions.
-    ``only`` restricts probing to one ``(kind, layer)`` (IG needs just the scaled one).
+    Each probed hook point's input ``x`` ``[batch, seq, width]`` is recorded whole in
+    ``inputs``; gradients are taken with respect to these tensors afterwards, and the
+    attributed positions are picked out once at the end rather than in every hook. A
+    hook point nothing upstream differentiates through (the first layer's) becomes a
+    leaf that requires grad, so the backward pass reaches every recorded input.
+
+    ``scale`` is ``(kind, layer, alpha)`` with ``alpha`` of shape ``[batch]``: that layer's
+    units of that kind are scaled, only at ``positions`` ``[batch, T]`` where ``valid``
+    (integrated gradients). ``only`` restricts probing to one ``(kind, layer)``.
     """
 
-    positions: torch.Tensor
+    rows: int = 1  # batch size, for hook points fed ``[batch * seq, width]`` (OPT's MLP)
+    positions: torch.Tensor | None = None
     valid: torch.Tensor | None = None  # [batch, T]; padded tokens point at a real position and must not scale it
     scale: tuple[str, int, torch.Tensor] | None = None
     only: tuple[str, int] | None = None
-    outputs: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)
-    probes: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)
+    inputs: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)
 
     def apply(self, kind: str, layer: int, x: torch.Tensor) -> torch.Tensor:
         if self.only is not None and self.only != (kind, layer):
             return x
-        index = self.positions.unsqueeze(-1).expand(-1, -1, x.shape[-1])
-        at_positions = x.gather(1, index)
-        probe = torch.zeros_like(at_positions, requires_grad=True)
-        delta = probe
         if self.scale is not None and self.scale[:2] == (kind, layer):
+            index = self.positions.unsqueeze(-1).expand(-1, -1, x.shape[-1])
             alpha = self.scale[2].to(x.dtype).view(-1, 1, 1)
-            shift = (alpha - 1) * at_positions
+            shift = (alpha - 1) * x.gather(1, index)
             if self.valid is not None:
                 shift = shift * self.valid.unsqueeze(-1)
-            delta = delta + shift
-        self.outputs[(kind, layer)] = at_positions.detach()
-        self.probes[(kind, layer)] = probe
-        return x.scatter_add(1, index, delta)
+            x = x.scatter_add(1, index, shift)
+        if not x.requires_grad:
+            x = x.detach().requires_grad_()
+        self.inputs[(kind, layer)] = x
+        return x
 
 
 class StepMasks:
-    """Generation state: per-step keep masks for every row, and the current step.
+    """Generation state: the keep masks of the decoding step being computed, for every row.
 
-    ``heads`` is ``[rows, steps, layers, heads]`` and ``neurons`` is
-    ``[rows, steps, layers, neurons]``, boolean, on the model's device. They stay
-    boolean (multiplying by a bool tensor keeps the activation dtype), so nothing the
-    size of all masks is ever converted or copied. The hooks run for every layer at
-    every decoding step, so per-layer views are made once and a hook does two tensor
-    operations: pick this step's mask, multiply in place.
+    ``heads`` is ``[rows, layers, heads, 1]`` and ``neurons`` ``[rows, layers, neurons]``,
+    boolean (multiplying by a bool tensor keeps the activation dtype). They are fixed
+    buffers that the decoding loop refills before each step (``load``): a hook does one
+    tensor operation, and a captured CUDA graph, which remembers addresses, reads each
+    step's masks from the same place.
     """
 
-    def __init__(self, heads: torch.Tensor, neurons: torch.Tensor):
-        self.rows, self.steps = heads.shape[0], heads.shape[1]
-        self.step = 0
-        self._heads = [heads[:, :, layer, :, None] for layer in range(heads.shape[2])]  # [rows, steps, H, 1]
-        self._neurons = [neurons[:, :, layer] for layer in range(neurons.shape[2])]  # [rows, steps, N]
+    def __init__(self, rows: int, layout: UnitLayout, device):
+        self.rows = rows
+        self.heads = torch.ones(rows, layout.num_layers, layout.num_heads, 1, dtype=torch.bool, device=device)
+        self.neurons = torch.ones(rows, layout.num_layers, layout.num_neurons, dtype=torch.bool, device=device)
+
+    def load(self, heads: torch.Tensor, neurons: torch.Tensor) -> "StepMasks":
+        """This step's masks: ``heads`` ``[rows, layers, heads]``, ``neurons`` ``[rows, layers, neurons]``."""
+        self.heads.copy_(heads.unsqueeze(-1))
+        self.neurons.copy_(neurons)
+        return self
 
     def apply(self, kind: str, layer: int, x: torch.Tensor, head_dim: int) -> torch.Tensor:
-        step = self.step
-        if step >= self.steps:
-            return x
         # the position being computed; earlier ones come from the cache
         last = x if x.shape[1] == 1 else x[:, -1:]
         if kind == HEADS:
-            keep = self._heads[layer][:, step]
-            last.view(self.rows, -1, head_dim).mul_(keep)
+            last.view(self.rows, -1, head_dim).mul_(self.heads[:, layer])
         else:
-            last.view(self.rows, -1).mul_(self._neurons[layer][:, step])
+            last.view(self.rows, -1).mul_(self.neurons[:, layer])
         return x
 
 
@@ -128,7 +130,7 @@ class UnitHooks:
             return None
         x = flat = args[0]
         if flat.dim() == 2:  # OPT feeds its MLP [batch * seq, features]
-            rows = self.probe.positions.shape[0] if self.probe is not None else self.masks.rows
+            rows = self.probe.rows if self.probe is not None else self.masks.rows
             x = flat.view(rows, -1, flat.shape[-1])
         if self.probe is not None:
             x = self.probe.apply(kind, layer, x)

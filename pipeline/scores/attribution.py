@@ -28,12 +28,13 @@ from pipeline.scores.metrics import (
     METRICS,
     NEEDS_GRADIENT,
     head_scores,
-    neuron_scores,
+    neuron_score_set,
     wina_head_scores,
     wina_neuron_scores,
 )
 
 IGNORE = -100
+_SPLIT_PREFIX = True
 
 
 @dataclass
@@ -54,14 +55,17 @@ class Packed:
     positions: torch.Tensor  # [B, T]: the position predicting label t (padding points at a real one)
     labels: torch.Tensor  # [B, T], IGNORE where padded
     lengths: list[int]  # T per sample
+    valid: torch.Tensor  # [N]: indices into the flattened [B, T] of the real (not padded) labels
     keep_argument: str | None = None  # the model's name for "logits for the last n positions"
     logits_kept: int = 0  # >0: the model returns logits for the last ``logits_kept`` positions only
 
     def repeat(self, times: int) -> "Packed":
         rep = lambda t: t.repeat(times, 1)  # noqa: E731
+        per_copy = self.labels.numel()
+        valid = torch.cat([self.valid + copy * per_copy for copy in range(times)])
         return replace(self, input_ids=rep(self.input_ids), attention_mask=rep(self.attention_mask),
                        position_ids=rep(self.position_ids), positions=rep(self.positions), labels=rep(self.labels),
-                       lengths=self.lengths * times)
+                       lengths=self.lengths * times, valid=valid)
 
     def split(self) -> tuple[dict, "Packed"]:
         """Inputs of the positions before any label position, and the rest.
@@ -77,6 +81,12 @@ class Packed:
         rest = replace(self, input_ids=self.input_ids[:, cut:], position_ids=self.position_ids[:, cut:],
                        positions=self.positions - cut, logits_kept=0)
         return prefix, rest
+
+    def selected(self) -> torch.Tensor:
+        """Indices into the flattened ``[batch * seq]`` positions of every label's predicting position."""
+        rows = torch.arange(self.positions.shape[0], device=self.positions.device).unsqueeze(1)
+        # known before the pass (no wait for the GPU to find the real labels)
+        return (rows * self.input_ids.shape[1] + self.positions).flatten().index_select(0, self.valid)
 
     def model_inputs(self) -> dict:
         inputs = dict(input_ids=self.input_ids, attention_mask=self.attention_mask, position_ids=self.position_ids,
@@ -115,8 +125,9 @@ def pack(prompts: list[torch.Tensor], labels: list[torch.Tensor], padding_side: 
         label_ids[i, : len(y)] = y
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     to = lambda t: t.to(device)  # noqa: E731
+    valid = (label_ids != IGNORE).flatten().nonzero()[:, 0]
     packed = Packed(to(input_ids), to(attention_mask), to(position_ids), to(positions), to(label_ids),
-                    [len(y) for y in labels])
+                    [len(y) for y in labels], to(valid))
     if padding_side == "left" and keep_argument is not None:
         packed.logits_kept, packed.keep_argument = T, keep_argument
     return packed
@@ -129,12 +140,13 @@ def _label_loss(logits: torch.Tensor, packed: Packed) -> torch.Tensor:
     return F.cross_entropy(picked.flatten(0, 1), packed.labels.flatten(), ignore_index=IGNORE, reduction="sum")
 
 
-def _stack(captured: dict, kind: str, layers: int) -> torch.Tensor:
-    return torch.stack([captured[(kind, layer)] for layer in range(layers)], dim=2)  # [B, T, layers, width]
+def _pick(tensors: dict, kind: str, layers: int, index: torch.Tensor) -> torch.Tensor:
+    """``[N, layers, width]``: the rows ``index`` of every layer's ``[batch, seq, width]`` tensor."""
+    return torch.stack([tensors[(kind, layer)].flatten(0, 1).index_select(0, index) for layer in range(layers)], dim=1)
 
 
 def _outputs_and_gradients(model, hooks, packed: Packed, with_gradient: bool, keep_context: bool):
-    """Unit outputs and per-token gradients at the label positions.
+    """Unit outputs and per-token gradients ``[N, layers, width]`` at the N label positions.
 
     ``keep_context`` records every position's keys and values for integrated gradients,
     so the whole sequence runs through autograd; otherwise the prompt prefix runs once
@@ -142,33 +154,35 @@ def _outputs_and_gradients(model, hooks, packed: Packed, with_gradient: bool, ke
     """
     layout = hooks.layout
     inputs = packed.model_inputs()
-    if not keep_context and packed.logits_kept and packed.input_ids.shape[1] > packed.positions.shape[1]:
+    if _SPLIT_PREFIX and not keep_context and packed.logits_kept and packed.input_ids.shape[1] > packed.positions.shape[1]:
         prefix, packed = packed.split()
         cache_name = forward_arguments(model)[0]
         cache = DynamicCache(config=model.config)
         with torch.no_grad():
             model(**prefix, **{cache_name: cache})
         inputs = {**packed.model_inputs(), cache_name: cache, "use_cache": True}  # attention_mask spans both parts
-    probe = Probe(positions=packed.positions, valid=packed.labels != IGNORE)
+    probe = Probe(rows=packed.input_ids.shape[0])
     hooks.probe = probe
+    keys = [(kind, layer) for kind in (HEADS, NEURONS) for layer in range(layout.num_layers)]
     gradients = {}
     try:
-        with torch.enable_grad(), exact_attention(model, mode="record" if keep_context else "live"):
+        with torch.set_grad_enabled(with_gradient), exact_attention(model, mode="record" if keep_context else "live"):
             logits = model(**inputs).logits
             if with_gradient:
-                keys = [(kind, layer) for kind in (HEADS, NEURONS) for layer in range(layout.num_layers)]
-                grads = torch.autograd.grad(_label_loss(logits, packed), [probe.probes[k] for k in keys])
+                grads = torch.autograd.grad(_label_loss(logits, packed), [probe.inputs[k] for k in keys])
                 gradients = dict(zip(keys, grads))
             del logits
     finally:
         hooks.probe = None
-    x = {kind: _stack(probe.outputs, kind, layout.num_layers) for kind in (HEADS, NEURONS)}
-    g = {kind: _stack(gradients, kind, layout.num_layers) for kind in (HEADS, NEURONS)} if with_gradient else None
+    index = packed.selected()
+    outputs = {k: probe.inputs[k].detach() for k in keys}
+    x = {kind: _pick(outputs, kind, layout.num_layers, index) for kind in (HEADS, NEURONS)}
+    g = {kind: _pick(gradients, kind, layout.num_layers, index) for kind in (HEADS, NEURONS)} if with_gradient else None
     return x, g
 
 
 def _integrated_gradients(model, hooks, packed: Packed, steps: int) -> dict[str, torch.Tensor]:
-    """Step-averaged gradients ``[B, T, layers, width]``, one pass per (kind, layer).
+    """Step-averaged gradients ``[N, layers, width]``, one pass per (kind, layer).
 
     Each pass holds every sample at every step (``steps * B`` rows). Must follow a
     ``record`` pass over ``packed``: the scaled passes see the recorded dense states of
@@ -179,22 +193,24 @@ def _integrated_gradients(model, hooks, packed: Packed, steps: int) -> dict[str,
     device = packed.input_ids.device
     alphas = (torch.arange(1, steps + 1, dtype=torch.float64, device=device) / steps).repeat_interleave(B)
     batch = packed.repeat(steps)  # row = step * B + sample
+    index = batch.selected()  # ordered by step, then sample, then token
     averaged = {}
     for kind in (HEADS, NEURONS):
         per_layer = []
         for layer in range(layout.num_layers):
-            probe = Probe(positions=batch.positions, valid=batch.labels != IGNORE, scale=(kind, layer, alphas),
-                          only=(kind, layer))
+            probe = Probe(rows=batch.input_ids.shape[0], positions=batch.positions, valid=batch.labels != IGNORE,
+                          scale=(kind, layer, alphas), only=(kind, layer))
             hooks.probe = probe
             try:
                 with torch.enable_grad(), exact_attention(model, mode="replay"):
                     logits = model(**batch.model_inputs()).logits
-                    (grad,) = torch.autograd.grad(_label_loss(logits, batch), [probe.probes[(kind, layer)]])
+                    (grad,) = torch.autograd.grad(_label_loss(logits, batch), [probe.inputs[(kind, layer)]])
                     del logits
             finally:
                 hooks.probe = None
-            per_layer.append(grad.view(steps, B, *grad.shape[1:]).mean(0))  # [B, T, width]
-        averaged[kind] = torch.stack(per_layer, dim=2)
+            picked = grad.flatten(0, 1).index_select(0, index)
+            per_layer.append(picked.view(steps, -1, picked.shape[-1]).mean(0))  # [N, width]
+        averaged[kind] = torch.stack(per_layer, dim=1)
     return averaged
 
 
@@ -229,6 +245,8 @@ def attribute_batch(
     layout = hooks.layout
     head_shape = (*x[HEADS].shape[:-1], layout.num_heads, layout.head_dim)
     x_heads = x[HEADS].view(head_shape)
+    shared = [m for m in metrics if m != "wina"]
+    neurons = neuron_score_set(shared, x[NEURONS], g and g[NEURONS], ig and ig[NEURONS])
     per_metric = {}
     for metric in metrics:
         if metric == "wina":
@@ -237,11 +255,11 @@ def attribute_batch(
             continue
         gradients = ig if metric == "ig" else g
         g_heads = gradients[HEADS].view(head_shape) if gradients is not None else None
-        g_neurons = gradients[NEURONS] if gradients is not None else None
-        per_metric[metric] = (head_scores(metric, x_heads, g_heads), neuron_scores(metric, x[NEURONS], g_neurons))
+        per_metric[metric] = (head_scores(metric, x_heads, g_heads), neurons[metric])
+    starts = [sum(packed.lengths[:i]) for i in range(len(packed.lengths))]  # rows are sample by sample
     return [
-        {m: UnitScores(heads=h[i, :T], neurons=n[i, :T]) for m, (h, n) in per_metric.items()}
-        for i, T in enumerate(packed.lengths)
+        {m: UnitScores(heads=h[start:start + T], neurons=n[start:start + T]) for m, (h, n) in per_metric.items()}
+        for start, T in zip(starts, packed.lengths)
     ]
 
 

@@ -68,21 +68,22 @@ def exact_attention_forward(
 
     # Queries are the last ``seq`` positions; earlier keys may come from a no-grad cache.
     seq, past = query.shape[-2], key.shape[-2] - query.shape[-2]
-    own_key, own_value = key[..., past:, :], value[..., past:, :]
-    own = (query * own_key).sum(-1) - (query * key_ctx[..., past:, :]).sum(-1)  # zero unless replaying
+    # q_i . (k_i - k_ctx_i): zero in value unless replaying; carries the gradient to the own key
+    own = (query * (key[..., past:, :] - key_ctx[..., past:, :])).sum(-1)
     scores = torch.matmul(query, key_ctx.transpose(-1, -2))
-    scores = (scores + torch.diag_embed(own, offset=past)[..., :seq, :]) * scaling  # own_i at (i, past + i)
+    scores.diagonal(offset=past, dim1=-2, dim2=-1).add_(own)  # own_i at (i, past + i); the matmul keeps no output
+    scores = scores.mul_(scaling)
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
     if attention_mask is not None:
-        scores = scores + attention_mask[..., : key.shape[-2]]
+        scores = scores.add_(attention_mask[..., : key.shape[-2]])
     else:
         causal = torch.ones(seq, key.shape[-2], dtype=torch.bool, device=query.device).triu(1 + past)
         scores = scores.masked_fill(causal, float("-inf"))
     # softmax in at least fp32, as eager attention does (and in fp64 for fp64 models)
     probs = torch.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(query.dtype)
-    out = torch.matmul(probs, value_ctx) + probs.diagonal(offset=past, dim1=-2, dim2=-1).unsqueeze(-1) * (
-        own_value - value_ctx[..., past:, :])
+    own_probs = probs.diagonal(offset=past, dim1=-2, dim2=-1).unsqueeze(-1)
+    out = torch.addcmul(torch.matmul(probs, value_ctx), own_probs, value[..., past:, :] - value_ctx[..., past:, :])
     return out.transpose(1, 2).contiguous(), probs
 
 
