@@ -117,9 +117,11 @@ class RunConfig:
     """Under SLURM, on SIGUSR1 (the time-limit warning of --signal=USR1@90) stop after the
     batch in flight and requeue the job with scontrol; it resumes where it stopped."""
     batch_size: int | None = None
-    """Questions per predict step (their attribution shares one pass). Default: 1 on CPU,
-    16 on GPU; a batch that does not fit in GPU memory is split automatically. Records
-    are written per batch, so a killed run redoes at most one batch."""
+    """Questions per predict step: their dense runs, attribution and masked rows are batched.
+    Default: 4 on CPU, 16 on GPU; a batch that does not fit in GPU memory is split
+    automatically. Batches are fixed blocks of consecutive questions, so the number of
+    ranks and resuming never change a question's batch-mates. Records are written per
+    batch, so a killed run redoes at most one batch."""
     progress: bool = True
     """Show a progress bar."""
     plot: bool = True

@@ -12,7 +12,7 @@ import torch
 
 from pipeline.config import ProtocolConfig
 from pipeline.data.sources import Sample
-from pipeline.masking.generation import dense_generate, masked_after_dense
+from pipeline.masking.generation import dense_generate_batch, masked_after_dense_batch
 from pipeline.masking.masks import achieved_sparsity, keep_masks
 from pipeline.masking.static import threshold_masks
 from pipeline.measures import bleu_vs_dense, task_score, token_agreement
@@ -44,25 +44,27 @@ def evaluate_batch(
 
     ``thresholds`` are the calibrated per-layer magnitude thresholds of the ``static`` metric.
 
-    Attribution runs once for the whole batch; decoding runs per sample, each sample's
-    (metric, level) rows in one batch that shares the sample's unpadded prompt, so the
-    dense run and every masked row see exactly the same prompt computation.
+    The dense runs decode together, attribution runs once for the whole batch, and the
+    masked rows of all samples decode together. Every masked row continues from its
+    own sample's dense run (the prompt and the steps before any unit is off), so a
+    masked row and its dense run share exactly the same prompt computation.
     """
     prompts = [torch.tensor(prompt_ids(tokenizer, template, s.question)) for s in samples]
 
     # Labels: what the dense model says (SPEC section 3).
-    dense = [
-        dense_generate(model, prompt, answer_length(tokenizer, s.reference, protocol.max_new_tokens), stop_ids)
-        for s, prompt in zip(samples, prompts)
-    ]
+    dense = dense_generate_batch(
+        model, prompts, [answer_length(tokenizer, s.reference, protocol.max_new_tokens) for s in samples], stop_ids)
 
     # Scores [T, layers, units] per metric and sample.
     scores = _attribute_fitting(model, prompts, [torch.tensor(d.tokens) for d in dense], protocol)
 
+    # Keep masks [rows = metrics x levels, T, layers, units] per sample; every row decodes.
+    keeps = [_keep_masks(sample_scores, protocol, thresholds) for sample_scores in scores]
+    outputs = masked_after_dense_batch(model, dense, [h for h, _ in keeps], [n for _, n in keeps], stop_ids)
+
     records = []
-    for sample, dense_run, sample_scores in zip(samples, dense, scores):
-        records += _masked_runs(model, tokenizer, layout, sample, dense_run, sample_scores, protocol, task,
-                                stop_ids, thresholds)
+    for sample, dense_run, (head_keep, neuron_keep), rows in zip(samples, dense, keeps, outputs):
+        records += _records(tokenizer, layout, sample, dense_run.tokens, head_keep, neuron_keep, rows, protocol, task)
     raw = {s.id: sc for s, sc in zip(samples, scores)} if protocol.save_scores else {}
     return EvaluatedBatch(records=records, scores=raw)
 
@@ -90,19 +92,18 @@ def _keep(metric: str, importance: torch.Tensor, kind: str, levels, thresholds) 
     return keep_masks(importance, levels)
 
 
-def _masked_runs(model, tokenizer, layout, sample, dense_run, scores, protocol, task, stop_ids,
-                 thresholds) -> list[dict]:
-    # Keep masks [levels, T, layers, units] per metric, stacked into rows.
+def _keep_masks(scores, protocol: ProtocolConfig, thresholds) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keep masks ``[metrics x levels, T, layers, units]`` of one sample, metric by metric."""
     levels = protocol.levels
     head_keep = torch.cat([_keep(m, scores[m].heads, "heads", levels, thresholds) for m in protocol.metrics])
     neuron_keep = torch.cat([_keep(m, scores[m].neurons, "neurons", levels, thresholds) for m in protocol.metrics])
     if protocol.dense_first_step:
         head_keep[:, 0] = True
         neuron_keep[:, 0] = True
+    return head_keep, neuron_keep
 
-    # Every (metric, level) row decodes in one batch, continuing the dense run where they agree with it.
-    dense = dense_run.tokens
-    outputs = masked_after_dense(model, dense_run, head_keep, neuron_keep, stop_ids)
+
+def _records(tokenizer, layout, sample, dense, head_keep, neuron_keep, outputs, protocol, task) -> list[dict]:
     sparsity = achieved_sparsity(head_keep, neuron_keep, layout)  # [rows, T]
 
     decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True).strip()  # noqa: E731

@@ -63,3 +63,35 @@ def test_generation_stops_at_eos_and_keeps_it():
     eos = free[2]
     stopped = greedy_generate(model, prompt, 8, [eos])[0]
     assert stopped == free[: free.index(eos) + 1]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3", "phi"])
+def test_batched_samples_equal_recomputation(arch):
+    """Several samples' dense runs and masked rows decoded together (left padding, rows leaving the
+    batch at their sample's length, dense leading steps and all-dense rows taken from the dense run)
+    equal a from-scratch recomputation of each row on its own."""
+    from pipeline.masking.generation import dense_generate_batch, masked_after_dense_batch
+
+    model = tiny_model(arch)
+    layout = layout_for(model)
+    torch.manual_seed(2)
+    prompts = [torch.tensor([4, 19, 33, 2, 70]), torch.tensor([5, 6]), torch.tensor([7, 8, 9, 10, 11, 12, 13])]
+    dense = dense_generate_batch(model, prompts, [6, 3, 8], [])
+    for prompt, run, steps in zip(prompts, dense, [6, 3, 8]):
+        assert run.tokens == greedy_generate(model, prompt, steps, [])[0]
+    heads, neurons = [], []
+    for run in dense:
+        T = len(run.tokens)
+        h = torch.rand(4, T, layout.num_layers, layout.num_heads) > 0.3
+        n = torch.rand(4, T, layout.num_layers, layout.num_neurons) > 0.4
+        h[:, 0], n[:, 0] = True, True  # the dense first step
+        h[0], n[0] = True, True  # a row with nothing off
+        heads.append(h)
+        neurons.append(n)
+    got = masked_after_dense_batch(model, dense, heads, neurons, [])
+    for prompt, run, h, n, rows in zip(prompts, dense, heads, neurons, got):
+        assert rows[0] == run.tokens
+        for row in range(4):
+            assert rows[row] == _recompute_with_position_masks(model, prompt, h[row].double(), n[row].double(),
+                                                               len(run.tokens))
+    assert any(row != run.tokens for rows, run in zip(got, dense) for row in rows)

@@ -24,6 +24,7 @@ import inspect
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from transformers import DynamicCache
 
 from pipeline.masking.cuda_graph import decode_captured
@@ -44,7 +45,7 @@ class DenseRun:
 
     prompt_ids: torch.Tensor  # 1-D, on the model's device
     tokens: list[int]
-    cache: DynamicCache  # positions of prompt + tokens[:-1]
+    cache: DynamicCache | None  # batch 1, positions of prompt + tokens[:-1]; None: recompute when needed
 
     def prefix(self, model, steps: int) -> tuple[DynamicCache, torch.Tensor]:
         """The cache and the next input after the prompt and the first ``steps`` dense tokens."""
@@ -54,13 +55,18 @@ class DenseRun:
         if length == 0:
             return DynamicCache(config=model.config), fed[-1:].view(1, 1)
         everything = len(self.prompt_ids) - 1 + len(self.tokens)
-        if any(layer.keys.shape[-2] != everything for layer in self.cache.layers):
+        if self.cache is None or any(layer.keys.shape[-2] != everything for layer in self.cache.layers):
             # a sliding-window layer dropped early positions: recompute them
             return _encode(model, fed[:-1]), fed[-1:].view(1, 1)
-        cache = DynamicCache(config=model.config)
-        for index, layer in enumerate(self.cache.layers):
-            cache.update(layer.keys[:, :, :length], layer.values[:, :, :length], index)
-        return cache, fed[-1:].view(1, 1)
+        return _cache_of(model, [(layer.keys[:, :, :length], layer.values[:, :, :length])
+                                 for layer in self.cache.layers]), fed[-1:].view(1, 1)
+
+
+def _cache_of(model, kv) -> DynamicCache:
+    cache = DynamicCache(config=model.config)
+    for index, (keys, values) in enumerate(kv):
+        cache.update(keys, values, index)
+    return cache
 
 
 def _encode(model, ids: torch.Tensor) -> DynamicCache:
@@ -72,11 +78,11 @@ def _encode(model, ids: torch.Tensor) -> DynamicCache:
     return cache
 
 
-def _lengths(tokens: torch.Tensor, eos: torch.Tensor) -> list[int]:
-    """Per row: up to and including the first end-of-sequence token, else all."""
+def _lengths(tokens: torch.Tensor, eos: torch.Tensor, limits: torch.Tensor) -> list[int]:
+    """Per row: up to and including the first end-of-sequence token, at most the row's limit."""
     is_eos = torch.isin(tokens, eos)
     first = is_eos.int().argmax(dim=1) + 1
-    return torch.where(is_eos.any(dim=1), first, tokens.shape[1]).tolist()
+    return torch.minimum(torch.where(is_eos.any(dim=1), first, tokens.shape[1]), limits).tolist()
 
 
 def _decode(model, prefix: DynamicCache, first_input: torch.Tensor, rows: int, steps: int, eos: torch.Tensor,
@@ -89,37 +95,64 @@ def _decode(model, prefix: DynamicCache, first_input: torch.Tensor, rows: int, s
     if tokens is None:
         if rows > 1:
             prefix.batch_repeat_interleave(rows)
-        tokens = _decode_eager(model, prefix, first_input, steps, eos, heads, neurons)
-    return [row[:n] for row, n in zip(tokens.tolist(), _lengths(tokens, eos))]
+        return _decode_eager(model, prefix, first_input, eos, [steps] * rows, heads, neurons)
+    limits = torch.full((rows,), steps, device=tokens.device)
+    return [row[:n] for row, n in zip(tokens.tolist(), _lengths(tokens, eos, limits))]
 
 
-def _decode_eager(model, cache, step_input, steps, eos, heads, neurons) -> torch.Tensor:
+def _decode_eager(model, cache, step_input, eos, limits: list[int], heads=None, neurons=None,
+                  attention_mask=None, positions=None, compact: bool = True) -> list[list[int]]:
+    """The plain decoding loop: row r stops after ``limits[r]`` tokens or an end-of-sequence token.
+
+    With ``compact``, finished rows leave the batch (their cache rows are dropped), so
+    rows of samples with short answers cost nothing once done; without it the cache
+    keeps every row to the end. ``attention_mask`` ``[rows, cached]`` and ``positions``
+    ``[rows]`` (the next position of each row) are for left-padded rows.
+    """
     rows, device = step_input.shape[0], step_input.device
     cache_name, keep_name = forward_arguments(model)
     last_only = {keep_name: 1} if keep_name else {}
     hooks = hooks_for(model)
     temporary = not hooks.installed
-    masks = None
     if heads is not None:
         hooks.install()
-        masks = hooks.masks = StepMasks(rows, hooks.layout, device)
-    # On a GPU, asking whether every row has finished waits for the GPU: ask every 8 steps.
+    limit = torch.tensor(limits, device=device)
+    tokens = torch.zeros(rows, max(limits), dtype=torch.long, device=device)
+    alive = torch.arange(rows, device=device)  # batch row -> output row
+    # On a GPU, asking which rows have finished waits for the GPU: ask every 8 steps.
     check_every = 1 if device.type == "cpu" else 8
-    tokens = torch.zeros(rows, steps, dtype=torch.long, device=device)
+    masks = None
     try:
-        for step in range(steps):
-            if masks is not None:
-                masks.load(heads[:, step], neurons[:, step])
-            logits = model(input_ids=step_input, use_cache=True, **{cache_name: cache}, **last_only).logits[:, -1]
-            step_input = logits.argmax(-1, keepdim=True)
-            tokens[:, step] = step_input[:, 0]
-            if len(eos) and (step + 1) % check_every == 0 and bool(torch.isin(tokens[:, : step + 1], eos).any(1).all()):
-                return tokens[:, : step + 1]
+        for step in range(max(limits)):
+            if heads is not None:
+                if masks is None or masks.rows != len(alive):
+                    masks = hooks.masks = StepMasks(len(alive), hooks.layout, device)
+                at_step = (heads[:, step], neurons[:, step]) if len(alive) == rows else \
+                    (heads[alive, step], neurons[alive, step])
+                masks.load(*at_step)
+            extra = {}
+            if attention_mask is not None:
+                attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(alive), 1)], dim=1)
+                extra = {"attention_mask": attention_mask, "position_ids": (positions + step).unsqueeze(1)}
+            logits = model(input_ids=step_input, use_cache=True, **{cache_name: cache}, **extra, **last_only).logits
+            step_input = logits[:, -1].argmax(-1, keepdim=True)
+            tokens[alive, step] = step_input[:, 0]
+            if (step + 1) % check_every and step + 1 < max(limits):
+                continue
+            ended = torch.isin(tokens[alive, : step + 1], eos).any(1) | (limit[alive] <= step + 1)
+            if bool(ended.all()):
+                break
+            if compact and bool(ended.any()):
+                keep = (~ended).nonzero()[:, 0]
+                alive, step_input = alive[keep], step_input[keep]
+                cache.batch_select_indices(keep)
+                if attention_mask is not None:
+                    attention_mask, positions = attention_mask[keep], positions[keep]
     finally:
         hooks.masks = None
         if temporary:
             hooks.remove()
-    return tokens
+    return [row[:n] for row, n in zip(tokens.tolist(), _lengths(tokens, eos, limit))]
 
 
 def _on_device(model, prompt_ids, eos_token_ids):
@@ -130,14 +163,67 @@ def _on_device(model, prompt_ids, eos_token_ids):
 @torch.no_grad()
 def dense_generate(model, prompt_ids: torch.Tensor, max_new_tokens: int, eos_token_ids) -> DenseRun:
     """The dense model's greedy output (batch 1), stopping after an end-of-sequence token."""
-    prompt_ids, eos = _on_device(model, prompt_ids, eos_token_ids)
+    return dense_generate_batch(model, [prompt_ids], [max_new_tokens], eos_token_ids)[0]
+
+
+@torch.no_grad()
+def dense_generate_batch(model, prompts: list[torch.Tensor], max_new_tokens: list[int], eos_token_ids) -> list[DenseRun]:
+    """Dense greedy runs of several prompts in one left-padded batch.
+
+    A batch-1 decoding step reads every weight for one token; a batch of prompts reads
+    them once for all. Each run keeps its own rows of the cache, without the padding.
+    """
+    device = next(model.parameters()).device
+    eos = torch.tensor(list(eos_token_ids), dtype=torch.long, device=device)
+    prompts = [p.to(device) for p in prompts]
+    width = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), width, dtype=torch.long, device=device)
+    mask = torch.zeros_like(ids)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt):], mask[row, width - len(prompt):] = prompt, 1
     cache = DynamicCache(config=model.config)
     cache_name, keep_name = forward_arguments(model)
-    if len(prompt_ids) > 1:
-        model(input_ids=prompt_ids[None, :-1], use_cache=True, **{cache_name: cache},
+    padded = len(prompts) > 1 and any(len(p) < width for p in prompts)
+    if width > 1:
+        extra = {"attention_mask": mask[:, :-1], "position_ids": (mask[:, :-1].cumsum(1) - 1).clamp(min=0)} if padded else {}
+        model(input_ids=ids[:, :-1], use_cache=True, **{cache_name: cache}, **extra,
               **({keep_name: 1} if keep_name else {}))
-    tokens = _decode_eager(model, cache, prompt_ids[None, -1:], max_new_tokens, eos, None, None)
-    return DenseRun(prompt_ids, tokens[0, : _lengths(tokens, eos)[0]].tolist(), cache)
+    rows = _decode_eager(model, cache, ids[:, -1:], eos, max_new_tokens, compact=False,
+                         attention_mask=mask[:, :-1] if padded else None,
+                         positions=mask.sum(1) - 1 if padded else None)
+    if len(prompts) == 1:
+        return [DenseRun(prompts[0], rows[0], cache)]
+    runs = []
+    for row, (prompt, tokens) in enumerate(zip(prompts, rows)):
+        start = width - len(prompt)  # this row's columns, without its left padding
+        end = start + len(prompt) - 1 + len(tokens)
+        # a sliding-window layer that dropped columns cannot be cut this way: recomputed on use
+        complete = all(layer.keys.shape[-2] == layer.get_seq_length() for layer in cache.layers)
+        kv = [(layer.keys[row:row + 1, :, start:end], layer.values[row:row + 1, :, start:end])
+              for layer in cache.layers]
+        runs.append(DenseRun(prompt, tokens, _cache_of(model, kv) if complete and end > start else None))
+    return runs
+
+
+@dataclass
+class _MaskedWork:
+    """One sample's rows that switch units off, from the first step where any does."""
+
+    dense: DenseRun
+    active: list[int]  # rows (of the sample's rows) that are decoded
+    shared: int  # leading steps that are the dense run's in every active row
+    heads: torch.Tensor  # [active, T - shared, layers, heads]
+    neurons: torch.Tensor
+
+
+def _masked_work(dense: DenseRun, head_keep, neuron_keep) -> _MaskedWork:
+    device, T = dense.prompt_ids.device, len(dense.tokens)
+    heads = head_keep[:, :T].to(device=device, dtype=torch.bool)
+    neurons = neuron_keep[:, :T].to(device=device, dtype=torch.bool)
+    dense_step = heads.flatten(2).all(2) & neurons.flatten(2).all(2)  # [rows, T]
+    active = (~dense_step.all(1)).nonzero()[:, 0]
+    shared = int(dense_step[active].all(0).int().argmin()) if len(active) else T
+    return _MaskedWork(dense, active.tolist(), shared, heads[active, shared:], neurons[active, shared:])
 
 
 @torch.no_grad()
@@ -149,22 +235,68 @@ def masked_after_dense(model, dense: DenseRun, head_keep: torch.Tensor, neuron_k
     with ``steps >= len(dense.tokens)``. Steps before the first switched-off unit of any
     row, and rows that never switch a unit off, are the dense run's.
     """
-    _, eos = _on_device(model, dense.prompt_ids, eos_token_ids)
-    device = dense.prompt_ids.device
-    T = len(dense.tokens)
-    heads = head_keep[:, :T].to(device=device, dtype=torch.bool)
-    neurons = neuron_keep[:, :T].to(device=device, dtype=torch.bool)
-    dense_step = heads.flatten(2).all(2) & neurons.flatten(2).all(2)  # [rows, T]
-    active = (~dense_step.all(1)).nonzero()[:, 0]
-    outputs = [list(dense.tokens) for _ in range(head_keep.shape[0])]
-    if len(active) == 0:
+    return masked_after_dense_batch(model, [dense], [head_keep], [neuron_keep], eos_token_ids)[0]
+
+
+@torch.no_grad()
+def masked_after_dense_batch(model, dense: list[DenseRun], head_keep: list[torch.Tensor],
+                             neuron_keep: list[torch.Tensor], eos_token_ids) -> list[list[list[int]]]:
+    """``masked_after_dense`` for several samples: their rows decode in one left-padded batch.
+
+    On a GPU with captured decoding steps each sample decodes on its own (a replayed
+    step costs little at any batch size); elsewhere a bigger batch uses the matrix
+    units better, and rows leave the batch as their sample's answer length is reached.
+    """
+    device = dense[0].prompt_ids.device
+    eos = torch.tensor(list(eos_token_ids), dtype=torch.long, device=device)
+    work = [_masked_work(d, h, n) for d, h, n in zip(dense, head_keep, neuron_keep)]
+    outputs = [[list(w.dense.tokens) for _ in range(h.shape[0])] for w, h in zip(work, head_keep)]
+    todo = [i for i, w in enumerate(work) if w.active]
+    per_sample = device.type == "cuda" and not getattr(model, "_sparseact_no_graphs", False)
+    if per_sample or len(todo) == 1:
+        for i in todo:
+            w = work[i]
+            prefix, first_input = w.dense.prefix(model, w.shared)
+            decoded = _decode(model, prefix, first_input, len(w.active), len(w.dense.tokens) - w.shared, eos,
+                              w.heads, w.neurons)
+            for row, tokens in zip(w.active, decoded):
+                outputs[i][row] = w.dense.tokens[:w.shared] + tokens
         return outputs
-    shared = int(dense_step[active].all(0).int().argmin())  # leading steps dense in every row
-    kv, first_input = dense.prefix(model, shared)
-    decoded = _decode(model, kv, first_input, len(active), T - shared, eos,
-                      heads[active, shared:], neurons[active, shared:])
-    for row, tokens in zip(active.tolist(), decoded):
-        outputs[row] = dense.tokens[:shared] + tokens
+    if not todo:
+        return outputs
+
+    # One batch: each sample's prefix cache, left-padded to the longest and repeated for its rows.
+    prefixes = [work[i].dense.prefix(model, work[i].shared) for i in todo]
+    lengths = [prefix.get_seq_length() for prefix, _ in prefixes]
+    width = max(lengths)
+    counts = [len(work[i].active) for i in todo]
+    kv = []
+    for layer in range(len(prefixes[0][0].layers)):
+        parts = []
+        for (prefix, _), length, count in zip(prefixes, lengths, counts):
+            keys, values = prefix.layers[layer].keys, prefix.layers[layer].values
+            pad = (0, 0, width - keys.shape[-2], 0)
+            parts.append((F.pad(keys, pad).expand(count, -1, -1, -1), F.pad(values, pad).expand(count, -1, -1, -1)))
+        kv.append((torch.cat([k for k, _ in parts]), torch.cat([v for _, v in parts])))
+    cache = _cache_of(model, kv)
+    mask = torch.cat([torch.cat([torch.zeros(count, width - length, dtype=torch.long, device=device),
+                                 torch.ones(count, length, dtype=torch.long, device=device)], 1)
+                      for length, count in zip(lengths, counts)])
+    positions = torch.cat([torch.full((count,), length, device=device) for length, count in zip(lengths, counts)])
+    first = torch.cat([first_input.expand(count, 1) for (_, first_input), count in zip(prefixes, counts)])
+    limits = [len(work[i].dense.tokens) - work[i].shared for i, count in zip(todo, counts) for _ in range(count)]
+    steps = max(limits)
+
+    def padded(masks):  # [rows, steps, ...] with ones after a sample's last step
+        return torch.cat([torch.cat([m, m.new_ones(m.shape[0], steps - m.shape[1], *m.shape[2:])], 1) for m in masks])
+
+    decoded = _decode_eager(model, cache, first, eos, limits, padded([work[i].heads for i in todo]),
+                            padded([work[i].neurons for i in todo]), attention_mask=mask, positions=positions)
+    rows = iter(decoded)
+    for i in todo:
+        w = work[i]
+        for row in w.active:
+            outputs[i][row] = w.dense.tokens[:w.shared] + next(rows)
     return outputs
 
 

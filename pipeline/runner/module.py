@@ -6,7 +6,8 @@ import lightning as L
 
 from pipeline.config import ProtocolConfig
 from pipeline.models.adapters import layout_for
-from pipeline.protocol import evaluate_batch
+from pipeline.data.datamodule import Block
+from pipeline.protocol import EvaluatedBatch, evaluate_batch
 
 
 class SparseActivationModule(L.LightningModule):
@@ -22,8 +23,10 @@ class SparseActivationModule(L.LightningModule):
         self.thresholds = thresholds  # calibrated thresholds of the static metric
         self.layout = layout_for(model)
 
-    def predict_step(self, batch, batch_idx: int):
+    def predict_step(self, batch: Block, batch_idx: int):
         # Records leave through the RecordWriter callback, not through a returned list
         # that Lightning would accumulate (trainer.predict runs with return_predictions=False).
-        return evaluate_batch(self.model, self.tokenizer, self.layout, batch, self.template,
-                              self.protocol, self.task, self.stop_ids, self.thresholds)
+        evaluated = evaluate_batch(self.model, self.tokenizer, self.layout, batch.samples, self.template,
+                                   self.protocol, self.task, self.stop_ids, self.thresholds)
+        return EvaluatedBatch(records=[r for r in evaluated.records if r["sample_id"] not in batch.done],
+                              scores={k: v for k, v in evaluated.scores.items() if k not in batch.done})

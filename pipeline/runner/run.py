@@ -134,10 +134,10 @@ def evaluate(
             # Lightning's own SLURM requeue saves a training checkpoint; prediction needs none
             plugins=[SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else None,
         )
-        batch_size = run.batch_size or (16 if trainer.accelerator.__class__.__name__ == "CUDAAccelerator" else 1)
+        batch_size = run.batch_size or (16 if trainer.accelerator.__class__.__name__ == "CUDAAccelerator" else 4)
         started = time.time()
         try:
-            trainer.predict(module, datamodule=SampleDataModule(pending, batch_size), return_predictions=False)
+            trainer.predict(module, datamodule=SampleDataModule(samples, batch_size, done), return_predictions=False)
         except Preempted as stop:
             requeued = stop.signum == signal.SIGUSR1 and run.requeue and requeue_slurm_job()
             print(f"stopped by {stop}: finished samples are saved in {run_dir}; "

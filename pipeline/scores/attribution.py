@@ -34,7 +34,6 @@ from pipeline.scores.metrics import (
 )
 
 IGNORE = -100
-_SPLIT_PREFIX = True
 
 
 @dataclass
@@ -149,12 +148,15 @@ def _outputs_and_gradients(model, hooks, packed: Packed, with_gradient: bool, ke
     """Unit outputs and per-token gradients ``[N, layers, width]`` at the N label positions.
 
     ``keep_context`` records every position's keys and values for integrated gradients,
-    so the whole sequence runs through autograd; otherwise the prompt prefix runs once
-    without it and is passed on as a KV cache.
+    so the whole sequence runs through autograd.
     """
     layout = hooks.layout
     inputs = packed.model_inputs()
-    if _SPLIT_PREFIX and not keep_context and packed.logits_kept and packed.input_ids.shape[1] > packed.positions.shape[1]:
+    # On a CPU the prompt prefix runs once without autograd and is passed on as a KV cache:
+    # compute saved is time saved. On a GPU a pass is bound by Python and kernel launches,
+    # and one pass over the whole sequence measured faster than the two (benchmarks/RESULTS.md).
+    split = packed.input_ids.device.type == "cpu" and not keep_context
+    if split and packed.logits_kept and packed.input_ids.shape[1] > packed.positions.shape[1]:
         prefix, packed = packed.split()
         cache_name = forward_arguments(model)[0]
         cache = DynamicCache(config=model.config)
