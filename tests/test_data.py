@@ -78,3 +78,17 @@ def test_unknown_field(tmp_path):
     path = _write(tmp_path, "jsonl")
     with pytest.raises(UserError, match="question field 'nope'"):
         load_samples(DataConfig(dataset=str(path), question_field="nope"))
+
+
+def test_blocks_are_fixed_whatever_is_done():
+    """A batch is a fixed block of consecutive samples: resuming computes a block whole and
+    writes only its missing samples, so a sample's batch-mates never change."""
+    from pipeline.data.datamodule import blocks
+    from pipeline.data.sources import Sample
+
+    samples = [Sample(id=f"s:{i}", question=f"q{i}", reference="r") for i in range(7)]
+    fresh = blocks(samples, 3)
+    assert [[s.id for s in b.samples] for b in fresh] == [["s:0", "s:1", "s:2"], ["s:3", "s:4", "s:5"], ["s:6"]]
+    resumed = blocks(samples, 3, done={"s:0", "s:1", "s:2", "s:4"})
+    assert [[s.id for s in b.samples] for b in resumed] == [["s:3", "s:4", "s:5"], ["s:6"]]
+    assert resumed[0].done == {"s:4"} and resumed[1].done == frozenset()

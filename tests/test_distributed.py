@@ -31,7 +31,8 @@ def tiny_dir(tmp_path_factory):
 def _command(tiny_dir, out, devices):
     command = [sys.executable, "-m", "pipeline", "run", "--model.name", str(tiny_dir), "--data.limit", str(SAMPLES),
                "--protocol.levels", "[0.0, 0.5, 0.9]", "--protocol.max_new_tokens", "6",
-               "--run.output_dir", str(out), "--run.progress", "false", "--run.accelerator", "cpu"]
+               "--run.output_dir", str(out), "--run.progress", "false", "--run.accelerator", "cpu",
+               "--run.batch_size", "2"]  # four blocks of two questions: room to stop between them
     if devices > 1:
         command += ["--run.devices", str(devices), "--run.strategy", "ddp"]
     return command

@@ -4,8 +4,7 @@ A batch's samples share padded computations, so float rounding in a sample's num
 can depend on its batch-mates. Batches are therefore fixed blocks of consecutive
 samples of the evaluated slice, whatever the number of ranks and however often the
 run was resumed: a block with a sample still missing is computed whole, and only
-the missing samples are written. Lightning's predict loop gives each rank its own
-share of the blocks.
+the missing samples are written. Each rank takes every world-size-th block.
 """
 
 from __future__ import annotations
@@ -38,8 +37,12 @@ class SampleDataModule(L.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         # Samples stay Python objects: tokenisation depends on the model's template and
-        # happens in the LightningModule. One block is one batch.
-        return DataLoader(self.blocks, batch_size=None, shuffle=False, collate_fn=_same)
+        # happens in the LightningModule. One block is one batch. Blocks are dealt to the
+        # ranks here (the trainer runs without a distributed sampler, which would refuse a
+        # rank with nothing left to do near the end of a resumed run).
+        trainer = self.trainer
+        mine = self.blocks[trainer.global_rank::trainer.world_size] if trainer is not None else self.blocks
+        return DataLoader(mine, batch_size=None, shuffle=False, collate_fn=_same)
 
 
 def _same(block: Block) -> Block:

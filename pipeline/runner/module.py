@@ -22,6 +22,8 @@ class SparseActivationModule(L.LightningModule):
         self.stop_ids = stop_ids
         self.thresholds = thresholds  # calibrated thresholds of the static metric
         self.layout = layout_for(model)
+        # near the end of a resumed run a rank may have no block left
+        self.allow_zero_length_dataloader_with_multiple_devices = True
 
     def predict_step(self, batch: Block, batch_idx: int):
         # Records leave through the RecordWriter callback, not through a returned list

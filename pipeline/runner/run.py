@@ -128,6 +128,7 @@ def evaluate(
             accelerator=run.accelerator, devices=run.devices, num_nodes=run.num_nodes, strategy=run.strategy,
             logger=False, enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=run.progress,
             inference_mode=False,  # attribution needs autograd inside predict_step
+            use_distributed_sampler=False,  # the data module deals whole blocks of samples to the ranks
             # tqdm rather than rich: it also leaves readable progress lines in batch-job logs
             callbacks=[MaskingCallback(), RecordWriter(run_dir), preemption]
             + ([TQDMProgressBar()] if run.progress else []),
