@@ -75,6 +75,8 @@ def _quiet() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*srun.* command is available.*")  # login nodes have srun too
+    # blocks of samples are dealt by the data module; the writer does not use batch indices
+    warnings.filterwarnings("ignore", message=".*infer the batch indices.*")
 
 
 def evaluate(
