@@ -33,6 +33,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 import torch
+import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
@@ -68,6 +69,8 @@ def exact_attention_forward(
 
     # Queries are the last ``seq`` positions; earlier keys may come from a no-grad cache.
     seq, past = query.shape[-2], key.shape[-2] - query.shape[-2]
+    if _Context.mode != "replay" and softcap is None and _FUSED.get(query.device.type):
+        return _fused(query, key, value, key_ctx, value_ctx, attention_mask, scaling, seq, past), None
     # q_i . (k_i - k_ctx_i): zero in value unless replaying; carries the gradient to the own key
     own = (query * (key[..., past:, :] - key_ctx[..., past:, :])).sum(-1)
     scores = torch.matmul(query, key_ctx.transpose(-1, -2))
@@ -85,6 +88,48 @@ def exact_attention_forward(
     own_probs = probs.diagonal(offset=past, dim1=-2, dim2=-1).unsqueeze(-1)
     out = torch.addcmul(torch.matmul(probs, value_ctx), own_probs, value[..., past:, :] - value_ctx[..., past:, :])
     return out.transpose(1, 2).contiguous(), probs
+
+
+def _efficient(query, key, value, mask, scaling):
+    # the memory-efficient kernel wants the bias's rows 16-element aligned: pad, then slice
+    bias = F.pad(mask.expand(query.shape[0], query.shape[1], -1, -1), (0, -mask.shape[-1] % 16))[..., : mask.shape[-1]]
+    out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(query, key, value, bias, True, scale=scaling)[:2]
+    return out, lse[..., : query.shape[-2]]
+
+
+def _flash_cpu(query, key, value, mask, scaling):
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(query, key, value, attn_mask=mask, scale=scaling)
+
+
+# Fused attention kernels that also return each query's log-sum-exp, by device type.
+_FUSED = {"cuda": _efficient, "cpu": _flash_cpu}
+
+
+def _fused(query, key, value, key_ctx, value_ctx, attention_mask, scaling, seq, past):
+    """The same function as the eager formula when the context is this pass (live, record).
+
+    A fused kernel computes ordinary attention over the detached context (it gives the
+    queries their whole gradient) and each query's log-sum-exp. Two zero-valued terms
+    on the diagonal then carry the gradient to a position's own key and value:
+    ``p_ii (v_i - v_ctx_i)`` for the value, and ``(p_ii - p_ii.detach()) (v_i - o_i)`` for
+    the key, whose derivative in ``s_ii`` is the softmax's ``p_ii (v_i - o_i)``.
+    """
+    length = key.shape[-2]
+    if attention_mask is not None:
+        mask = attention_mask[..., :length].to(query.dtype)
+    else:
+        causal = torch.ones(seq, length, dtype=torch.bool, device=query.device).triu(1 + past)
+        mask = torch.zeros(seq, length, dtype=query.dtype, device=query.device).masked_fill(causal, float("-inf"))
+        mask = mask.expand(query.shape[0], 1, seq, length)
+    out, lse = _FUSED[query.device.type](query, key_ctx, value_ctx, mask, scaling)
+    own_key, own_value = key[..., past:, :], value[..., past:, :]
+    own_score = (query.detach() * own_key).sum(-1) * scaling + mask.diagonal(offset=past, dim1=-2, dim2=-1)
+    precise = torch.promote_types(query.dtype, torch.float32)  # at least fp32, fp64 for fp64 models
+    live = torch.exp(own_score.to(precise) - lse.to(precise))  # p_ii, differentiable in the own key only
+    fixed = live.detach()
+    out = out + (fixed.unsqueeze(-1) * (own_value - value_ctx[..., past:, :])).to(out.dtype) \
+        + ((live - fixed).unsqueeze(-1) * (value_ctx[..., past:, :] - out.detach())).to(out.dtype)
+    return out.transpose(1, 2).contiguous()
 
 
 AttentionInterface.register(IMPLEMENTATION, exact_attention_forward)
