@@ -34,6 +34,7 @@ from pipeline.scores.metrics import (
 )
 
 IGNORE = -100
+SPLIT_PREFIX_ON = {"cpu"}  # device types where the prompt prefix runs without autograd (see below)
 
 
 @dataclass
@@ -155,7 +156,7 @@ def _outputs_and_gradients(model, hooks, packed: Packed, with_gradient: bool, ke
     # On a CPU the prompt prefix runs once without autograd and is passed on as a KV cache:
     # compute saved is time saved. On a GPU a pass is bound by Python and kernel launches,
     # and one pass over the whole sequence measured faster than the two (benchmarks/RESULTS.md).
-    split = packed.input_ids.device.type == "cpu" and not keep_context
+    split = packed.input_ids.device.type in SPLIT_PREFIX_ON and not keep_context
     if split and packed.logits_kept and packed.input_ids.shape[1] > packed.positions.shape[1]:
         prefix, packed = packed.split()
         cache_name = forward_arguments(model)[0]
