@@ -21,6 +21,11 @@ With ``k_ctx = k.detach()`` the forward numbers equal eager attention and
 For integrated gradients the context is a *recorded* dense pass: a scaled pass then
 sees the dense, unscaled states of earlier positions, as a decoding step would.
 
+When the context is this pass (``k_ctx = k`` in value), the same function runs as one
+fused attention kernel over the detached context plus two zero-valued diagonal terms
+(``_fused``); the formula above, written out, serves integrated gradients' replays and
+soft-capped models.
+
 The function is registered with transformers' ``AttentionInterface`` (and the eager
 mask function under the same name, so causal and sliding-window masks arrive as
 additive 4-D tensors), so it works for every model that dispatches through that
