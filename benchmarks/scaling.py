@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, record  # noqa: E402
+from common import record  # noqa: E402
 
 
 def make_model(config_dir: str, tokenizer_dir: str, target: Path) -> None:

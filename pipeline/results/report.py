@@ -14,7 +14,6 @@ import base64
 import html
 import io
 import json
-from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
