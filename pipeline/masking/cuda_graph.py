@@ -98,9 +98,14 @@ class CapturedDecoder:
         return tokens
 
 
+def graphs_enabled(model) -> bool:
+    """Whether decoding steps of ``model`` are captured: on CUDA, until a capture has failed."""
+    return next(model.parameters()).device.type == "cuda" and not getattr(model, "_sparseact_no_graphs", False)
+
+
 def decode_captured(model, prefix, first_input, rows: int, steps: int, eos, heads=None, neurons=None):
     """``CapturedDecoder.decode`` with the model's decoder, or None where graphs are not used."""
-    if next(model.parameters()).device.type != "cuda" or getattr(model, "_sparseact_no_graphs", False):
+    if not graphs_enabled(model):
         return None
     masked = heads is not None
     kv = [(layer.keys, layer.values) for layer in prefix.layers if getattr(layer, "keys", None) is not None

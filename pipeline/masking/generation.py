@@ -27,8 +27,9 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from pipeline.masking.cuda_graph import decode_captured
+from pipeline.masking.cuda_graph import decode_captured, graphs_enabled
 from pipeline.masking.hooks import StepMasks, hooks_for
+
 
 def forward_arguments(model) -> tuple[str, str | None]:
     # transformers 5.x renamed ``past_key_values`` to ``cache``; older releases call
@@ -54,9 +55,7 @@ class DenseRun:
         length = len(fed) - 1
         if length == 0:
             return DynamicCache(config=model.config), fed[-1:].view(1, 1)
-        everything = len(self.prompt_ids) - 1 + len(self.tokens)
-        if self.cache is None or any(layer.keys.shape[-2] != everything for layer in self.cache.layers):
-            # a sliding-window layer dropped early positions: recompute them
+        if self.cache is None:  # a sliding-window layer had dropped early positions: recompute them
             return _encode(model, fed[:-1]), fed[-1:].view(1, 1)
         return _cache_of(model, [(layer.keys[:, :, :length], layer.values[:, :, :length])
                                  for layer in self.cache.layers]), fed[-1:].view(1, 1)
@@ -76,6 +75,17 @@ def _encode(model, ids: torch.Tensor) -> DynamicCache:
         cache_name, keep_name = forward_arguments(model)
         model(input_ids=ids.unsqueeze(0), use_cache=True, **{cache_name: cache}, **({keep_name: 1} if keep_name else {}))
     return cache
+
+
+def _eos(eos_token_ids, device) -> torch.Tensor:
+    return torch.tensor(list(eos_token_ids), dtype=torch.long, device=device)
+
+
+def _pad_steps(keep: torch.Tensor, steps: int) -> torch.Tensor:
+    """Masks ``[rows, steps, ...]``: cut to ``steps``, or extended with keep-everything steps."""
+    keep = keep[:, :steps]
+    missing = steps - keep.shape[1]
+    return torch.cat([keep, keep.new_ones(keep.shape[0], missing, *keep.shape[2:])], 1) if missing > 0 else keep
 
 
 def _lengths(tokens: torch.Tensor, eos: torch.Tensor, limits: torch.Tensor) -> list[int]:
@@ -155,11 +165,6 @@ def _decode_eager(model, cache, step_input, eos, limits: list[int], heads=None, 
     return [row[:n] for row, n in zip(tokens.tolist(), _lengths(tokens, eos, limit))]
 
 
-def _on_device(model, prompt_ids, eos_token_ids):
-    device = next(model.parameters()).device
-    return prompt_ids.to(device), torch.tensor(list(eos_token_ids), dtype=torch.long, device=device)
-
-
 @torch.no_grad()
 def dense_generate(model, prompt_ids: torch.Tensor, max_new_tokens: int, eos_token_ids) -> DenseRun:
     """The dense model's greedy output (batch 1), stopping after an end-of-sequence token."""
@@ -174,7 +179,7 @@ def dense_generate_batch(model, prompts: list[torch.Tensor], max_new_tokens: lis
     them once for all. Each run keeps its own rows of the cache, without the padding.
     """
     device = next(model.parameters()).device
-    eos = torch.tensor(list(eos_token_ids), dtype=torch.long, device=device)
+    eos = _eos(eos_token_ids, device)
     prompts = [p.to(device) for p in prompts]
     width = max(len(p) for p in prompts)
     ids = torch.zeros(len(prompts), width, dtype=torch.long, device=device)
@@ -191,14 +196,12 @@ def dense_generate_batch(model, prompts: list[torch.Tensor], max_new_tokens: lis
     rows = _decode_eager(model, cache, ids[:, -1:], eos, max_new_tokens, compact=False,
                          attention_mask=mask[:, :-1] if padded else None,
                          positions=mask.sum(1) - 1 if padded else None)
-    if len(prompts) == 1:
-        return [DenseRun(prompts[0], rows[0], cache)]
+    # a sliding-window layer that dropped columns cannot be cut into rows: recomputed on use
+    complete = all(layer.keys.shape[-2] == layer.get_seq_length() for layer in cache.layers)
     runs = []
     for row, (prompt, tokens) in enumerate(zip(prompts, rows)):
         start = width - len(prompt)  # this row's columns, without its left padding
         end = start + len(prompt) - 1 + len(tokens)
-        # a sliding-window layer that dropped columns cannot be cut this way: recomputed on use
-        complete = all(layer.keys.shape[-2] == layer.get_seq_length() for layer in cache.layers)
         kv = [(layer.keys[row:row + 1, :, start:end], layer.values[row:row + 1, :, start:end])
               for layer in cache.layers]
         runs.append(DenseRun(prompt, tokens, _cache_of(model, kv) if complete and end > start else None))
@@ -248,12 +251,11 @@ def masked_after_dense_batch(model, dense: list[DenseRun], head_keep: list[torch
     units better, and rows leave the batch as their sample's answer length is reached.
     """
     device = dense[0].prompt_ids.device
-    eos = torch.tensor(list(eos_token_ids), dtype=torch.long, device=device)
+    eos = _eos(eos_token_ids, device)
     work = [_masked_work(d, h, n) for d, h, n in zip(dense, head_keep, neuron_keep)]
     outputs = [[list(w.dense.tokens) for _ in range(h.shape[0])] for w, h in zip(work, head_keep)]
     todo = [i for i, w in enumerate(work) if w.active]
-    per_sample = device.type == "cuda" and not getattr(model, "_sparseact_no_graphs", False)
-    if per_sample or len(todo) == 1:
+    if graphs_enabled(model) or len(todo) == 1:
         for i in todo:
             w = work[i]
             prefix, first_input = w.dense.prefix(model, w.shared)
@@ -285,13 +287,9 @@ def masked_after_dense_batch(model, dense: list[DenseRun], head_keep: list[torch
     positions = torch.cat([torch.full((count,), length, device=device) for length, count in zip(lengths, counts)])
     first = torch.cat([first_input.expand(count, 1) for (_, first_input), count in zip(prefixes, counts)])
     limits = [len(work[i].dense.tokens) - work[i].shared for i, count in zip(todo, counts) for _ in range(count)]
-    steps = max(limits)
-
-    def padded(masks):  # [rows, steps, ...] with ones after a sample's last step
-        return torch.cat([torch.cat([m, m.new_ones(m.shape[0], steps - m.shape[1], *m.shape[2:])], 1) for m in masks])
-
-    decoded = _decode_eager(model, cache, first, eos, limits, padded([work[i].heads for i in todo]),
-                            padded([work[i].neurons for i in todo]), attention_mask=mask, positions=positions)
+    heads = torch.cat([_pad_steps(work[i].heads, max(limits)) for i in todo])
+    neurons = torch.cat([_pad_steps(work[i].neurons, max(limits)) for i in todo])
+    decoded = _decode_eager(model, cache, first, eos, limits, heads, neurons, attention_mask=mask, positions=positions)
     rows = iter(decoded)
     for i in todo:
         w = work[i]
@@ -322,14 +320,12 @@ def greedy_generate(
     """
     if head_keep is None:
         return [dense_generate(model, prompt_ids, max_new_tokens, eos_token_ids).tokens]
-    prompt_ids, eos = _on_device(model, prompt_ids, eos_token_ids)
-    masks = []
-    for keep in (head_keep, neuron_keep):
-        keep = keep[:, :max_new_tokens].to(device=prompt_ids.device, dtype=torch.bool)
-        missing = max_new_tokens - keep.shape[1]  # steps without a mask are dense
-        masks.append(torch.cat([keep, keep.new_ones(keep.shape[0], missing, *keep.shape[2:])], 1) if missing > 0 else keep)
+    device = next(model.parameters()).device
+    prompt_ids = prompt_ids.to(device)
+    heads, neurons = (_pad_steps(keep.to(device=device, dtype=torch.bool), max_new_tokens)  # steps without a mask are dense
+                      for keep in (head_keep, neuron_keep))
     return _decode(model, _encode(model, prompt_ids[:-1]), prompt_ids[-1:].view(1, 1), head_keep.shape[0],
-                   max_new_tokens, eos, *masks)
+                   max_new_tokens, _eos(eos_token_ids, device), heads, neurons)
 
 
 def masked_generate(model, prompt_ids, head_keep, neuron_keep, eos_token_ids, max_new_tokens=None):

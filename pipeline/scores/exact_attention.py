@@ -72,10 +72,11 @@ def exact_attention_forward(
         if _Context.mode == "record":
             _Context.store[id(module)] = (key_ctx, value_ctx)
 
-    # Queries are the last ``seq`` positions; earlier keys may come from a no-grad cache.
-    seq, past = query.shape[-2], key.shape[-2] - query.shape[-2]
+    # Queries are the last positions; earlier keys may come from a no-grad cache.
+    past = key.shape[-2] - query.shape[-2]
+    mask = _additive_mask(attention_mask, query, key.shape[-2], past)
     if _Context.mode != "replay" and softcap is None and _FUSED.get(query.device.type):
-        return _fused(query, key, value, key_ctx, value_ctx, attention_mask, scaling, seq, past), None
+        return _fused(query, key, value, key_ctx, value_ctx, mask, scaling, past), None
     # q_i . (k_i - k_ctx_i): zero in value unless replaying; carries the gradient to the own key
     own = (query * (key[..., past:, :] - key_ctx[..., past:, :])).sum(-1)
     scores = torch.matmul(query, key_ctx.transpose(-1, -2))
@@ -83,16 +84,21 @@ def exact_attention_forward(
     scores = scores.mul_(scaling)
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
-    if attention_mask is not None:
-        scores = scores.add_(attention_mask[..., : key.shape[-2]])
-    else:
-        causal = torch.ones(seq, key.shape[-2], dtype=torch.bool, device=query.device).triu(1 + past)
-        scores = scores.masked_fill(causal, float("-inf"))
+    scores = scores.add_(mask)
     # softmax in at least fp32, as eager attention does (and in fp64 for fp64 models)
     probs = torch.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(query.dtype)
     own_probs = probs.diagonal(offset=past, dim1=-2, dim2=-1).unsqueeze(-1)
     out = torch.addcmul(torch.matmul(probs, value_ctx), own_probs, value[..., past:, :] - value_ctx[..., past:, :])
     return out.transpose(1, 2).contiguous(), probs
+
+
+def _additive_mask(attention_mask, query, length: int, past: int) -> torch.Tensor:
+    """``[batch or 1, 1 or heads, seq, length]`` to add to the scores: the model's mask, or a causal one."""
+    if attention_mask is not None:
+        return attention_mask[..., :length].to(query.dtype)
+    causal = torch.ones(query.shape[-2], length, dtype=torch.bool, device=query.device).triu(1 + past)
+    mask = torch.zeros(causal.shape, dtype=query.dtype, device=query.device).masked_fill(causal, float("-inf"))
+    return mask.expand(query.shape[0], 1, -1, -1)
 
 
 def _efficient(query, key, value, mask, scaling):
@@ -110,7 +116,7 @@ def _flash_cpu(query, key, value, mask, scaling):
 _FUSED = {"cuda": _efficient, "cpu": _flash_cpu}
 
 
-def _fused(query, key, value, key_ctx, value_ctx, attention_mask, scaling, seq, past):
+def _fused(query, key, value, key_ctx, value_ctx, mask, scaling, past):
     """The same function as the eager formula when the context is this pass (live, record).
 
     A fused kernel computes ordinary attention over the detached context (it gives the
@@ -119,13 +125,6 @@ def _fused(query, key, value, key_ctx, value_ctx, attention_mask, scaling, seq, 
     ``p_ii (v_i - v_ctx_i)`` for the value, and ``(p_ii - p_ii.detach()) (v_i - o_i)`` for
     the key, whose derivative in ``s_ii`` is the softmax's ``p_ii (v_i - o_i)``.
     """
-    length = key.shape[-2]
-    if attention_mask is not None:
-        mask = attention_mask[..., :length].to(query.dtype)
-    else:
-        causal = torch.ones(seq, length, dtype=torch.bool, device=query.device).triu(1 + past)
-        mask = torch.zeros(seq, length, dtype=query.dtype, device=query.device).masked_fill(causal, float("-inf"))
-        mask = mask.expand(query.shape[0], 1, seq, length)
     out, lse = _FUSED[query.device.type](query, key_ctx, value_ctx, mask, scaling)
     own_key, own_value = key[..., past:, :], value[..., past:, :]
     own_score = (query.detach() * own_key).sum(-1) * scaling + mask.diagonal(offset=past, dim1=-2, dim2=-1)
