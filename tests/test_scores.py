@@ -185,6 +185,41 @@ def test_batched_samples_of_different_lengths(arch, padding_side):
             _assert_close(result[metric].neurons, neurons)
 
 
+def _relative_error(results, expected, metric):
+    worst = 0.0
+    for result, reference in zip(results, expected):
+        for kind in ("heads", "neurons"):
+            got, want = getattr(result[metric], kind).double().cpu(), getattr(reference[metric], kind)
+            worst = max(worst, ((got - want).abs().max() / want.abs().max()).item())
+    return worst
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("arch", ["llama", "phi", "gemma3"])
+def test_cuda_fused_kernels_match_the_cpu_reference(arch, monkeypatch):
+    """On a GPU the pass runs through CUDA's kernels (memory-efficient in fp32, cuDNN in bf16).
+
+    fp32 must equal the fp64 CPU result (itself checked against the per-token reference
+    above); bf16 must be no further from it than the written-out formula in bf16.
+    """
+    from pipeline.scores import exact_attention
+    from pipeline.scores.attribution import attribute_batch
+
+    metrics = ["gxo", "cor_gxo"]
+    prompts, labels = [p for p, _ in BATCH], [y for _, y in BATCH]
+    model = tiny_model(arch)
+    expected = attribute_batch(model, prompts, labels, metrics=metrics)
+    model.to("cuda", torch.float32)
+    fp32 = attribute_batch(model, prompts, labels, metrics=metrics)
+    assert all(_relative_error(fp32, expected, metric) <= 1e-4 for metric in metrics)
+    model.to(torch.bfloat16)
+    fused = attribute_batch(model, prompts, labels, metrics=metrics)
+    monkeypatch.delitem(exact_attention._FUSED, "cuda")
+    written_out = attribute_batch(model, prompts, labels, metrics=metrics)
+    for metric in metrics:
+        assert _relative_error(fused, expected, metric) <= 2 * _relative_error(written_out, expected, metric) + 1e-3
+
+
 @pytest.mark.parametrize("arch", ["opt", "gpt2", "gpt_neox", "qwen2", "phi3", "mistral"])
 def test_batched_left_padding_other_architectures(arch):
     from pipeline.scores.attribution import attribute_batch

@@ -84,9 +84,18 @@ class Packed:
 
     def selected(self) -> torch.Tensor:
         """Indices into the flattened ``[batch * seq]`` positions of every label's predicting position."""
-        rows = torch.arange(self.positions.shape[0], device=self.positions.device).unsqueeze(1)
         # known before the pass (no wait for the GPU to find the real labels)
-        return (rows * self.input_ids.shape[1] + self.positions).flatten().index_select(0, self.valid)
+        return self._flat_index(self.positions, self.input_ids.shape[1])
+
+    def logit_rows(self) -> torch.Tensor:
+        """The same positions as indices into the flattened logits (the last ``logits_kept`` positions, or all)."""
+        if not self.logits_kept:
+            return self.selected()
+        return self._flat_index(self.positions - (self.input_ids.shape[1] - self.logits_kept), self.logits_kept)
+
+    def _flat_index(self, positions: torch.Tensor, width: int) -> torch.Tensor:
+        rows = torch.arange(positions.shape[0], device=positions.device).unsqueeze(1)
+        return (rows * width + positions).flatten().index_select(0, self.valid)
 
     def model_inputs(self) -> dict:
         inputs = dict(input_ids=self.input_ids, attention_mask=self.attention_mask, position_ids=self.position_ids,
@@ -94,10 +103,6 @@ class Packed:
         if self.logits_kept:
             inputs[self.keep_argument] = self.logits_kept
         return inputs
-
-    def logit_positions(self) -> torch.Tensor:
-        """``positions`` as indices into the returned logits."""
-        return self.positions - (self.input_ids.shape[1] - self.logits_kept) if self.logits_kept else self.positions
 
 
 def pack(prompts: list[torch.Tensor], labels: list[torch.Tensor], padding_side: str, device,
@@ -134,10 +139,13 @@ def pack(prompts: list[torch.Tensor], labels: list[torch.Tensor], padding_side: 
 
 
 def _label_loss(logits: torch.Tensor, packed: Packed) -> torch.Tensor:
-    """Sum over samples and tokens of CE(logits at the predicting position, label)."""
-    picked = logits.gather(1, packed.logit_positions().unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
+    """Sum over samples and tokens of CE(logits at the predicting position, label).
+
+    Only the real labels' rows enter the softmax (padding slots would be ignored anyway).
+    """
+    picked = logits.flatten(0, 1).index_select(0, packed.logit_rows())
     picked = picked.to(torch.promote_types(picked.dtype, torch.float32))
-    return F.cross_entropy(picked.flatten(0, 1), packed.labels.flatten(), ignore_index=IGNORE, reduction="sum")
+    return F.cross_entropy(picked, packed.labels.flatten().index_select(0, packed.valid), reduction="sum")
 
 
 def _pick(tensors: dict, kind: str, layers: int, index: torch.Tensor) -> torch.Tensor:
@@ -260,11 +268,10 @@ def attribute_batch(
         gradients = ig if metric == "ig" else g
         g_heads = gradients[HEADS].view(head_shape) if gradients is not None else None
         per_metric[metric] = (head_scores(metric, x_heads, g_heads), neurons[metric])
-    starts = [sum(packed.lengths[:i]) for i in range(len(packed.lengths))]  # rows are sample by sample
-    return [
-        {m: UnitScores(heads=h[start:start + T], neurons=n[start:start + T]) for m, (h, n) in per_metric.items()}
-        for start, T in zip(starts, packed.lengths)
-    ]
+    # rows are sample by sample; split gives each sample's rows as views in one call per tensor
+    per_sample = {m: (h.split(packed.lengths), n.split(packed.lengths)) for m, (h, n) in per_metric.items()}
+    return [{m: UnitScores(heads=h[i], neurons=n[i]) for m, (h, n) in per_sample.items()}
+            for i in range(len(packed.lengths))]
 
 
 def attribute(
