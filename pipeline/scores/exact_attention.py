@@ -116,8 +116,8 @@ _CUDNN_REFUSED: set[tuple] = set()  # (dtype, head_dim) cuDNN declined once; not
 def _cuda(query, key, value, mask, scaling):
     """cuDNN's attention where it takes the shape (half precision), else the memory-efficient kernel.
 
-    cuDNN's forward and backward took 9 ms against 15 ms for the memory-efficient kernel
-    (Phi-2 shape, 64 prompts, bf16, H200, all 32 layers).
+    The whole attribution pass took 118.9 ms with cuDNN against 122.0 ms with the
+    memory-efficient kernel (Phi-2 shape, 64 prompts, bf16, H200).
     """
     shape = (query.dtype, query.shape[-1])
     if query.dtype in (torch.float16, torch.bfloat16) and shape not in _CUDNN_REFUSED:
