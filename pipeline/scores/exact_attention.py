@@ -110,7 +110,32 @@ def _efficient(query, key, value, mask, scaling):
     return out, lse[..., : query.shape[-2]]
 
 
-_CUDNN_REFUSED: set[tuple] = set()  # (dtype, head_dim) cuDNN declined once; not asked again
+def _cudnn(query, key, value, bias, scaling):
+    out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(query, key, value, bias, True, scale=scaling)[:2]
+    return out, lse.reshape(query.shape[:-1])
+
+
+_CUDNN_TAKES: dict[tuple, bool] = {}  # (dtype, head size, device): whether cuDNN ran it forward and backward
+
+
+def _cudnn_takes(query) -> bool:
+    """Whether cuDNN's attention runs this dtype and head size, backward included.
+
+    Tried once on a tiny input: support depends on the GPU and the cuDNN and torch
+    versions, and a backward that fails inside the attribution pass could not fall back.
+    """
+    key = (query.dtype, query.shape[-1], query.device)
+    if key not in _CUDNN_TAKES:
+        shape = (2, 2, 16, query.shape[-1])
+        q, k, v = (torch.randn(shape, dtype=query.dtype, device=query.device, requires_grad=True) for _ in range(3))
+        bias = torch.zeros(1, 1, 16, 16, dtype=query.dtype, device=query.device).expand(2, 2, -1, -1)
+        try:
+            with torch.enable_grad():
+                _cudnn(q, k, v, bias, 1.0)[0].sum().backward()
+            _CUDNN_TAKES[key] = True
+        except (RuntimeError, TypeError):  # no cuDNN attention for this GPU, head size, cuDNN or torch version
+            _CUDNN_TAKES[key] = False
+    return _CUDNN_TAKES[key]
 
 
 def _cuda(query, key, value, mask, scaling):
@@ -119,15 +144,8 @@ def _cuda(query, key, value, mask, scaling):
     The whole attribution pass took 118.9 ms with cuDNN against 122.0 ms with the
     memory-efficient kernel (Phi-2 shape, 64 prompts, bf16, H200).
     """
-    shape = (query.dtype, query.shape[-1])
-    if query.dtype in (torch.float16, torch.bfloat16) and shape not in _CUDNN_REFUSED:
-        bias = mask.expand(query.shape[0], query.shape[1], -1, -1)
-        try:
-            out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(query, key, value, bias, True,
-                                                                          scale=scaling)[:2]
-            return out, lse.reshape(query.shape[:-1])
-        except RuntimeError:  # no cuDNN attention for this GPU, head size or cuDNN version
-            _CUDNN_REFUSED.add(shape)
+    if query.dtype in (torch.float16, torch.bfloat16) and _cudnn_takes(query):
+        return _cudnn(query, key, value, mask.expand(query.shape[0], query.shape[1], -1, -1), scaling)
     return _efficient(query, key, value, mask, scaling)
 
 
