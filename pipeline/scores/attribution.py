@@ -187,8 +187,8 @@ def _outputs_and_gradients(model, hooks, packed: Packed, with_gradient: bool, ke
     finally:
         hooks.probe = None
     index = packed.selected()
-    outputs = {k: probe.inputs[k].detach() for k in keys}
-    x = {kind: _pick(outputs, kind, layout.num_layers, index) for kind in (HEADS, NEURONS)}
+    with torch.no_grad():  # the recorded inputs are still part of the graph; picking them needs no record
+        x = {kind: _pick(probe.inputs, kind, layout.num_layers, index) for kind in (HEADS, NEURONS)}
     g = {kind: _pick(gradients, kind, layout.num_layers, index) for kind in (HEADS, NEURONS)} if with_gradient else None
     return x, g
 
