@@ -113,26 +113,27 @@ def pack(prompts: list[torch.Tensor], labels: list[torch.Tensor], padding_side: 
     positions, so (where the model supports it) logits are computed only there: the
     output projection over the vocabulary is skipped for all prompt positions.
     """
-    sequences = [torch.cat([p, y[:-1]]) for p, y in zip(prompts, labels)]
-    width, T = max(len(s) for s in sequences), max(len(y) for y in labels)
-    B = len(sequences)
+    prompt_lengths = torch.tensor([len(p) for p in prompts])
+    label_lengths = torch.tensor([len(y) for y in labels])
+    lengths = prompt_lengths + label_lengths - 1  # each sample feeds prompt + y_0..y_{T-2}
+    B, width, T = len(prompts), int(lengths.max()), int(label_lengths.max())
+    start = width - lengths if padding_side == "left" else torch.zeros_like(lengths)
+    columns = torch.arange(width)
+    inside = (columns >= start[:, None]) & (columns < (start + lengths)[:, None])  # [B, width]
     input_ids = torch.zeros(B, width, dtype=torch.long)
-    attention_mask = torch.zeros(B, width, dtype=torch.long)
-    positions = torch.zeros(B, T, dtype=torch.long)
+    input_ids[inside] = torch.cat([t for p, y in zip(prompts, labels) for t in (p, y[:-1])])  # row by row
+    attention_mask = inside.long()
+    first = (start + prompt_lengths - 1)[:, None]  # the position predicting y_0
+    steps = torch.arange(T)
+    real = steps < label_lengths[:, None]  # [B, T]
+    positions = torch.where(real, first + steps, first)
     label_ids = torch.full((B, T), IGNORE, dtype=torch.long)
-    for i, (seq, prompt, y) in enumerate(zip(sequences, prompts, labels)):
-        offset = width - len(seq) if padding_side == "left" else 0
-        input_ids[i, offset: offset + len(seq)] = seq
-        attention_mask[i, offset: offset + len(seq)] = 1
-        first = offset + len(prompt) - 1
-        positions[i] = first
-        positions[i, : len(y)] = torch.arange(first, first + len(y))
-        label_ids[i, : len(y)] = y
+    label_ids[real] = torch.cat(list(labels))
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     to = lambda t: t.to(device)  # noqa: E731
     valid = (label_ids != IGNORE).flatten().nonzero()[:, 0]
     packed = Packed(to(input_ids), to(attention_mask), to(position_ids), to(positions), to(label_ids),
-                    [len(y) for y in labels], to(valid))
+                    label_lengths.tolist(), to(valid))
     if padding_side == "left" and keep_argument is not None:
         packed.logits_kept, packed.keep_argument = T, keep_argument
     return packed
