@@ -22,9 +22,9 @@ For integrated gradients the context is a *recorded* dense pass: a scaled pass t
 sees the dense, unscaled states of earlier positions, as a decoding step would.
 
 When the context is this pass (``k_ctx = k`` in value), the same function runs as one
-fused attention kernel over the detached context plus two zero-valued diagonal terms
-(``_fused``, cuDNN or memory-efficient on CUDA, flash on CPU), whose backward adds the
-two diagonal gradients directly; the formula above, written out, serves integrated
+fused attention kernel over the detached context (``_fused``: cuDNN or memory-efficient
+on CUDA, flash on CPU); the two diagonal terms, zero in value, enter only through their
+gradients (``_OwnPosition``). The formula above, written out, serves integrated
 gradients' replays and soft-capped models.
 
 The function is registered with transformers' ``AttentionInterface`` (and the eager
