@@ -30,7 +30,7 @@ from common import arguments, load, machine, prompts_and_labels, record, timed  
 
 from transformers import DynamicCache  # noqa: E402
 
-from pipeline.masking.generation import forward_arguments  # noqa: E402
+from pipeline.models.inputs import forward_arguments  # noqa: E402
 from pipeline.masking.hooks import HEADS, NEURONS  # noqa: E402
 from pipeline.models.adapters import layout_for  # noqa: E402
 from pipeline.scores.attribution import attribute_batch  # noqa: E402

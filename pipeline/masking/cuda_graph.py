@@ -20,9 +20,10 @@ import warnings
 import torch
 
 from pipeline.masking.hooks import StepMasks, hooks_for
+from pipeline.models.inputs import with_cache
 
 _POOL = None  # one memory pool shared by all captured graphs
-_CHECK_EVERY = 8  # steps between "has every row finished?" checks (each waits for the GPU)
+CHECK_EVERY = 8  # steps between "has every row finished?" checks on a GPU (each waits for it)
 
 
 class CapturedDecoder:
@@ -31,15 +32,12 @@ class CapturedDecoder:
     def __init__(self, model, rows: int, capacity: int, masked: bool):
         from transformers import StaticCache
 
-        from pipeline.masking.generation import forward_arguments
-
         self.model, self.rows, self.capacity = model, rows, capacity
         device = next(model.parameters()).device
         self.cache = StaticCache(config=model.config, max_cache_len=capacity)
         if any(getattr(layer, "is_sliding", False) for layer in self.cache.layers):
             raise NotImplementedError("sliding-window cache layers")
-        self.cache_name, keep_name = forward_arguments(model)
-        self.last_only = {keep_name: 1} if keep_name else {}
+        self.cached = with_cache(model, self.cache)
         self.input_ids = torch.zeros(rows, 1, dtype=torch.long, device=device)
         self.next_token = torch.zeros(rows, dtype=torch.long, device=device)
         self.masks = StepMasks(rows, hooks_for(model).layout, device) if masked else None
@@ -58,8 +56,7 @@ class CapturedDecoder:
             hooks.install()
         hooks.masks = self.masks
         try:
-            logits = self.model(input_ids=self.input_ids, use_cache=True, **{self.cache_name: self.cache},
-                                **self.last_only).logits[:, -1]
+            logits = self.model(input_ids=self.input_ids, **self.cached).logits[:, -1]
             self.next_token.copy_(logits.argmax(-1))
             self.input_ids.copy_(self.next_token.unsqueeze(-1))
         finally:
@@ -93,7 +90,7 @@ class CapturedDecoder:
                 self.masks.load(heads[:, step], neurons[:, step])
             self.graph.replay()
             tokens[:, step] = self.next_token
-            if len(eos) and (step + 1) % _CHECK_EVERY == 0 and bool(torch.isin(tokens[:, : step + 1], eos).any(1).all()):
+            if len(eos) and (step + 1) % CHECK_EVERY == 0 and bool(torch.isin(tokens[:, : step + 1], eos).any(1).all()):
                 return tokens[:, : step + 1]
         return tokens
 

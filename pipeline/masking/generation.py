@@ -20,24 +20,15 @@ allows it (``cuda_graph.py``): a step then costs GPU time, not Python time.
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from pipeline.masking.cuda_graph import decode_captured, graphs_enabled
+from pipeline.masking.cuda_graph import CHECK_EVERY, decode_captured, graphs_enabled
 from pipeline.masking.hooks import StepMasks, hooks_for
-
-
-def forward_arguments(model) -> tuple[str, str | None]:
-    # transformers 5.x renamed ``past_key_values`` to ``cache``; older releases call
-    # ``logits_to_keep`` ``num_logits_to_keep`` or lack it.
-    names = inspect.signature(model.forward).parameters
-    cache = "cache" if "cache" in names else "past_key_values"
-    keep = next((k for k in ("logits_to_keep", "num_logits_to_keep") if k in names), None)
-    return cache, keep
+from pipeline.models.inputs import pad, position_ids, with_cache
 
 
 @dataclass
@@ -72,8 +63,7 @@ def _encode(model, ids: torch.Tensor) -> DynamicCache:
     """The dense cache of ``ids`` (1-D), batch 1."""
     cache = DynamicCache(config=model.config)
     if len(ids):
-        cache_name, keep_name = forward_arguments(model)
-        model(input_ids=ids.unsqueeze(0), use_cache=True, **{cache_name: cache}, **({keep_name: 1} if keep_name else {}))
+        model(input_ids=ids.unsqueeze(0), **with_cache(model, cache))
     return cache
 
 
@@ -120,8 +110,7 @@ def _decode_eager(model, cache, step_input, eos, limits: list[int], heads=None, 
     ``[rows]`` (the next position of each row) are for left-padded rows.
     """
     rows, device = step_input.shape[0], step_input.device
-    cache_name, keep_name = forward_arguments(model)
-    last_only = {keep_name: 1} if keep_name else {}
+    cached = with_cache(model, cache)  # the cache object stays the same; rows leave it in place
     hooks = hooks_for(model)
     temporary = not hooks.installed
     if heads is not None:
@@ -129,8 +118,8 @@ def _decode_eager(model, cache, step_input, eos, limits: list[int], heads=None, 
     limit = torch.tensor(limits, device=device)
     tokens = torch.zeros(rows, max(limits), dtype=torch.long, device=device)
     alive = torch.arange(rows, device=device)  # batch row -> output row
-    # On a GPU, asking which rows have finished waits for the GPU: ask every 8 steps.
-    check_every = 1 if device.type == "cpu" else 8
+    # On a GPU, asking which rows have finished waits for the GPU: ask every few steps.
+    check_every = 1 if device.type == "cpu" else CHECK_EVERY
     masks = None
     try:
         for step in range(max(limits)):
@@ -144,7 +133,7 @@ def _decode_eager(model, cache, step_input, eos, limits: list[int], heads=None, 
             if attention_mask is not None:
                 attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(alive), 1)], dim=1)
                 extra = {"attention_mask": attention_mask, "position_ids": (positions + step).unsqueeze(1)}
-            logits = model(input_ids=step_input, use_cache=True, **{cache_name: cache}, **extra, **last_only).logits
+            logits = model(input_ids=step_input, **cached, **extra).logits
             step_input = logits[:, -1].argmax(-1, keepdim=True)
             tokens[alive, step] = step_input[:, 0]
             if (step + 1) % check_every and step + 1 < max(limits):
@@ -181,18 +170,14 @@ def dense_generate_batch(model, prompts: list[torch.Tensor], max_new_tokens: lis
     device = next(model.parameters()).device
     eos = _eos(eos_token_ids, device)
     prompts = [p.to(device) for p in prompts]
-    width = max(len(p) for p in prompts)
-    ids = torch.zeros(len(prompts), width, dtype=torch.long, device=device)
-    mask = torch.zeros_like(ids)
-    for row, prompt in enumerate(prompts):
-        ids[row, width - len(prompt):], mask[row, width - len(prompt):] = prompt, 1
+    lengths = torch.tensor([len(p) for p in prompts])
+    ids, mask, _ = pad(torch.cat(prompts), lengths, "left")
+    width = ids.shape[1]
     cache = DynamicCache(config=model.config)
-    cache_name, keep_name = forward_arguments(model)
-    padded = len(prompts) > 1 and any(len(p) < width for p in prompts)
+    padded = bool((lengths < width).any())
     if width > 1:
-        extra = {"attention_mask": mask[:, :-1], "position_ids": (mask[:, :-1].cumsum(1) - 1).clamp(min=0)} if padded else {}
-        model(input_ids=ids[:, :-1], use_cache=True, **{cache_name: cache}, **extra,
-              **({keep_name: 1} if keep_name else {}))
+        extra = {"attention_mask": mask[:, :-1], "position_ids": position_ids(mask[:, :-1])} if padded else {}
+        model(input_ids=ids[:, :-1], **with_cache(model, cache), **extra)
     rows = _decode_eager(model, cache, ids[:, -1:], eos, max_new_tokens, compact=False,
                          attention_mask=mask[:, :-1] if padded else None,
                          positions=mask.sum(1) - 1 if padded else None)
@@ -255,6 +240,8 @@ def masked_after_dense_batch(model, dense: list[DenseRun], head_keep: list[torch
     work = [_masked_work(d, h, n) for d, h, n in zip(dense, head_keep, neuron_keep)]
     outputs = [[list(w.dense.tokens) for _ in range(h.shape[0])] for w, h in zip(work, head_keep)]
     todo = [i for i, w in enumerate(work) if w.active]
+    if not todo:
+        return outputs
     if graphs_enabled(model) or len(todo) == 1:
         for i in todo:
             w = work[i]
@@ -263,8 +250,6 @@ def masked_after_dense_batch(model, dense: list[DenseRun], head_keep: list[torch
                               w.heads, w.neurons)
             for row, tokens in zip(w.active, decoded):
                 outputs[i][row] = w.dense.tokens[:w.shared] + tokens
-        return outputs
-    if not todo:
         return outputs
 
     # One batch: each sample's prefix cache, left-padded to the longest and repeated for its rows.

@@ -19,10 +19,10 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from pipeline.masking.generation import forward_arguments
 from pipeline.masking.hooks import HEADS, NEURONS, Probe, hooks_for
 from pipeline.scores.exact_attention import exact_attention, forget_recorded
 from pipeline.models.adapters import output_weights
+from pipeline.models.inputs import forward_arguments, pad, position_ids, with_cache
 from pipeline.scores.metrics import (
     DEFAULT_METRICS,
     METRICS,
@@ -77,7 +77,7 @@ class Packed:
         """
         cut = self.input_ids.shape[1] - int(self.positions.shape[1])
         prefix = dict(input_ids=self.input_ids[:, :cut], attention_mask=self.attention_mask[:, :cut],
-                      position_ids=self.position_ids[:, :cut], use_cache=True)
+                      position_ids=self.position_ids[:, :cut])
         rest = replace(self, input_ids=self.input_ids[:, cut:], position_ids=self.position_ids[:, cut:],
                        positions=self.positions - cut, logits_kept=0)
         return prefix, rest
@@ -115,24 +115,18 @@ def pack(prompts: list[torch.Tensor], labels: list[torch.Tensor], padding_side: 
     """
     prompt_lengths = torch.tensor([len(p) for p in prompts])
     label_lengths = torch.tensor([len(y) for y in labels])
-    lengths = prompt_lengths + label_lengths - 1  # each sample feeds prompt + y_0..y_{T-2}
-    B, width, T = len(prompts), int(lengths.max()), int(label_lengths.max())
-    start = width - lengths if padding_side == "left" else torch.zeros_like(lengths)
-    columns = torch.arange(width)
-    inside = (columns >= start[:, None]) & (columns < (start + lengths)[:, None])  # [B, width]
-    input_ids = torch.zeros(B, width, dtype=torch.long)
-    input_ids[inside] = torch.cat([t for p, y in zip(prompts, labels) for t in (p, y[:-1])])  # row by row
-    attention_mask = inside.long()
+    fed = torch.cat([t for p, y in zip(prompts, labels) for t in (p, y[:-1])])  # each: prompt + y_0..y_{T-2}
+    input_ids, attention_mask, start = pad(fed, prompt_lengths + label_lengths - 1, padding_side)
+    B, T = len(prompts), int(label_lengths.max())
     first = (start + prompt_lengths - 1)[:, None]  # the position predicting y_0
     steps = torch.arange(T)
     real = steps < label_lengths[:, None]  # [B, T]
     positions = torch.where(real, first + steps, first)
     label_ids = torch.full((B, T), IGNORE, dtype=torch.long)
     label_ids[real] = torch.cat(list(labels))
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     to = lambda t: t.to(device)  # noqa: E731
     valid = (label_ids != IGNORE).flatten().nonzero()[:, 0]
-    packed = Packed(to(input_ids), to(attention_mask), to(position_ids), to(positions), to(label_ids),
+    packed = Packed(to(input_ids), to(attention_mask), to(position_ids(attention_mask)), to(positions), to(label_ids),
                     label_lengths.tolist(), to(valid))
     if padding_side == "left" and keep_argument is not None:
         packed.logits_kept, packed.keep_argument = T, keep_argument
@@ -169,11 +163,10 @@ def _outputs_and_gradients(model, hooks, packed: Packed, with_gradient: bool, ke
     split = packed.input_ids.device.type in SPLIT_PREFIX_ON and not keep_context
     if split and packed.logits_kept and packed.input_ids.shape[1] > packed.positions.shape[1]:
         prefix, packed = packed.split()
-        cache_name = forward_arguments(model)[0]
         cache = DynamicCache(config=model.config)
         with torch.no_grad():
-            model(**prefix, **{cache_name: cache})
-        inputs = {**packed.model_inputs(), cache_name: cache, "use_cache": True}  # attention_mask spans both parts
+            model(**prefix, **with_cache(model, cache))  # its logits are not needed
+        inputs = {**packed.model_inputs(), **with_cache(model, cache, last_position_only=False)}  # mask spans both
     probe = Probe(rows=packed.input_ids.shape[0])
     hooks.probe = probe
     keys = [(kind, layer) for kind in (HEADS, NEURONS) for layer in range(layout.num_layers)]

@@ -48,52 +48,36 @@ def head_scores(metric: str, x: torch.Tensor, g: torch.Tensor | None) -> torch.T
     raise ValueError(f"unknown metric {metric!r}")
 
 
-def neuron_scores(metric: str, x: torch.Tensor, g: torch.Tensor | None) -> torch.Tensor:
-    if metric in ("magnitude", "static"):
-        return x.abs()
-    if metric == "gradient":
-        return -g
-    gxo = g * x
-    if metric in ("gxo", "ig"):
-        return -gxo
-    if metric == "snip":
-        return gxo.abs()
-    if metric == "cor_gxo":
-        layer_gradient_norm = g.norm(dim=-1, keepdim=True)  # ||G_l|| over the layer's neurons
-        return -gxo + 0.5 * x.abs() * layer_gradient_norm
-    raise ValueError(f"unknown metric {metric!r}")
+def neuron_scores(metric: str, x: torch.Tensor, g: torch.Tensor | None, terms: dict | None = None) -> torch.Tensor:
+    """``terms``: where ``|x|``, ``-g`` and ``-g * x`` are kept for other metrics of the same ``x`` and ``g``.
 
-
-def neuron_score_set(metrics, x: torch.Tensor, g: torch.Tensor | None, g_ig: torch.Tensor | None = None) -> dict:
-    """``neuron_scores`` of several metrics at once.
-
-    Neurons outnumber heads by far, so each term here is a pass over every neuron of
-    every token and layer: ``|x|``, ``-g`` and ``-g * x`` are computed once and shared
-    (``magnitude``/``cor_gxo``, ``gradient``/``gxo``, ``gxo``/``snip``/``cor_gxo``).
+    Neurons outnumber heads by far, so each term is a pass over every neuron of every
+    token and layer; metrics computed together share them (``magnitude``/``cor_gxo``,
+    ``gradient``/``gxo``, ``gxo``/``snip``/``cor_gxo``).
     """
-    terms: dict = {}
+    terms = {} if terms is None else terms
 
     def term(name, make):
         if name not in terms:
             terms[name] = make()
         return terms[name]
 
-    abs_x = lambda: term("abs_x", x.abs)  # noqa: E731
-    neg_gx = lambda: term("neg_gx", lambda: term("neg_g", g.neg) * x)  # noqa: E731
-    scores = {}
-    for metric in metrics:
-        if metric in ("magnitude", "static"):
-            scores[metric] = abs_x()
-        elif metric == "gradient":
-            scores[metric] = term("neg_g", g.neg)
-        elif metric == "gxo":
-            scores[metric] = neg_gx()
-        elif metric == "snip":
-            scores[metric] = neg_gx().abs()
-        elif metric == "cor_gxo":
-            scores[metric] = torch.addcmul(neg_gx(), abs_x(), g.norm(dim=-1, keepdim=True), value=0.5)
-        elif metric == "ig":
-            scores[metric] = neuron_scores("ig", x, g_ig)
-        else:
-            raise ValueError(f"no shared neuron score for {metric!r}")
-    return scores
+    if metric in ("magnitude", "static"):
+        return term("abs_x", x.abs)
+    if metric == "gradient":
+        return term("neg_g", g.neg)
+    neg_gx = term("neg_gx", lambda: term("neg_g", g.neg) * x)
+    if metric in ("gxo", "ig"):
+        return neg_gx
+    if metric == "snip":
+        return neg_gx.abs()
+    if metric == "cor_gxo":
+        layer_gradient_norm = g.norm(dim=-1, keepdim=True)  # ||G_l|| over the layer's neurons
+        return torch.addcmul(neg_gx, term("abs_x", x.abs), layer_gradient_norm, value=0.5)
+    raise ValueError(f"unknown metric {metric!r}")
+
+
+def neuron_score_set(metrics, x: torch.Tensor, g: torch.Tensor | None, g_ig: torch.Tensor | None = None) -> dict:
+    """``neuron_scores`` of several metrics at once, sharing their terms (``ig`` uses ``g_ig``)."""
+    terms, ig_terms = {}, {}
+    return {m: neuron_scores(m, x, g_ig, ig_terms) if m == "ig" else neuron_scores(m, x, g, terms) for m in metrics}
