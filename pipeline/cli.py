@@ -83,6 +83,10 @@ def main(argv: list[str] | None = None) -> None:
     except UserError as error:
         print(f"sparseact: error: {error}", file=sys.stderr)
         sys.exit(2)
+    except OSError as error:  # the file system or the device said no: nothing the code can do about it
+        where = f"{error.filename}: " if error.filename else ""
+        print(f"sparseact: error: {where}{error.strerror or error}", file=sys.stderr)
+        sys.exit(2)
     except KeyboardInterrupt:
         print("sparseact: interrupted; finished samples are saved, rerun the same command to resume", file=sys.stderr)
         sys.exit(130)

@@ -86,6 +86,10 @@ class ProtocolConfig:
             raise UserError(f"unknown metric(s) {', '.join(unknown)}; choose from {', '.join(METRICS)}")
         if not self.metrics:
             raise UserError("no metrics given")
+        for name, values in (("metric", self.metrics), ("level", self.levels)):
+            repeated = sorted({v for v in values if values.count(v) > 1}, key=str)
+            if repeated:  # rows are keyed by (metric, level): a repeat would be computed and counted twice
+                raise UserError(f"{name}(s) given more than once: {', '.join(map(str, repeated))}")
         bad = [p for p in self.levels if not 0.0 <= p < 1.0]
         if bad:
             raise UserError(f"sparsity level(s) {bad} outside [0, 1)")
@@ -138,3 +142,10 @@ def validate(model: ModelConfig, data: DataConfig, protocol: ProtocolConfig, run
         raise UserError("data.start must be >= 0 and data.limit >= 1")
     if run.batch_size is not None and run.batch_size < 1:
         raise UserError("batch_size must be >= 1")
+    devices = run.devices
+    if isinstance(devices, str) and devices.lstrip("-").isdigit():
+        devices = int(devices)
+    if isinstance(devices, int) and (devices == 0 or devices < -1):
+        raise UserError(f"run.devices must be >= 1, -1 (all) or auto, got {run.devices}")
+    if run.num_nodes < 1:
+        raise UserError(f"run.num_nodes must be >= 1, got {run.num_nodes}")

@@ -2,10 +2,19 @@
 
 Every source becomes a list of ``Sample``: a stable id (dataset name + row index, so
 resumed runs match rows), the question, and the reference answer when there is one.
+``content_digest`` identifies a selection by its text, not by where it was read from:
+an edited file changes it, the same file through a symlink does not.
+
+Local files are checked before ``datasets`` parses them, so that a broken line, a file
+that is not UTF-8 or a CSV with only a header is reported with the file, the line and
+the cause rather than as a generic dataset-generation error.
 """
 
 from __future__ import annotations
 
+import csv
+import hashlib
+import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,7 +54,60 @@ def dataset_name(config: DataConfig) -> str:
     """Short name used in sample ids and run directory names."""
     if config.dataset in PRESETS:
         return config.dataset
-    return Path(config.dataset).stem if Path(config.dataset).suffix else config.dataset.replace("/", "_")
+    path = Path(config.dataset)
+    if path.suffix:  # a file: named after the file read, whichever link led to it
+        return (path.resolve() if path.exists() else path).stem
+    return config.dataset.replace("/", "_")
+
+
+def content_digest(samples: list[Sample]) -> str:
+    """SHA-256 over the selected rows' ids, questions and references."""
+    blob = json.dumps([[s.id, s.question, s.reference] for s in samples], ensure_ascii=False)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def check_file(path: Path) -> None:
+    """One clear line for a file ``datasets`` would fail on with a generic error."""
+    if path.suffix.lower() == ".parquet":
+        return
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = raw[:error.start].count(b"\n") + 1
+        raise UserError(f"{path}, line {line}: not UTF-8 text (byte 0x{raw[error.start]:02x}); "
+                        "save the file as UTF-8") from None
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        rows = sum(1 for row in csv.reader(io.StringIO(text)) if row)
+        if rows <= 1:
+            raise UserError(f"{path} has a header but no rows")
+    elif suffix in (".json", ".jsonl"):
+        if suffix == ".json":
+            try:
+                json.loads(text)
+                return
+            except json.JSONDecodeError as error:
+                first = next((line for line in text.splitlines() if line.strip()), "")
+                if not first.strip().startswith("{") or not _parses(first):
+                    raise UserError(f"{path}, line {error.lineno}: not valid JSON ({error.msg})") from None
+        for number, line in enumerate(text.splitlines(), 1):  # JSON lines
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise UserError(f"{path}, line {number}: not valid JSON ({error.msg}, column {error.colno})") from None
+            if not isinstance(row, dict):
+                raise UserError(f"{path}, line {number}: expected a JSON object with the question and answer fields")
+
+
+def _parses(line: str) -> bool:
+    try:
+        json.loads(line)
+        return True
+    except json.JSONDecodeError:
+        return False
 
 
 def _read_rows(config: DataConfig, preset: Preset):
@@ -66,12 +128,18 @@ def _read_rows(config: DataConfig, preset: Preset):
         builder = FILE_BUILDERS.get(path.suffix.lower())
         if builder is None:
             raise UserError(f"unsupported data file type {path.suffix!r}: use .csv, .json, .jsonl or .parquet")
+        check_file(path)
         try:
             return datasets.load_dataset(builder, data_files=str(path.resolve()), split="train")
         except Exception as error:  # malformed CSV/JSON surfaces from pandas/pyarrow with many types
             raise UserError(f"could not read {path}: {str(error).splitlines()[0] if str(error) else type(error).__name__}")
     hub_id, subset, split = preset.hub if config.dataset in PRESETS else (config.dataset, None, "train")
     subset, split = config.subset or subset, config.split or split
+    from pipeline.hub import hub_reachable
+
+    if not hub_reachable():
+        raise UserError(f"could not load dataset '{hub_id}': the Hugging Face Hub cannot be reached (offline); "
+                        "pass a local file with --data.path")
     try:
         return datasets.load_dataset(hub_id, subset, split=split, revision=None)
     except Exception as error:

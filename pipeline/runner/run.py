@@ -6,28 +6,31 @@ import logging
 import signal
 import time
 import warnings
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 
 from pipeline.config import DataConfig, ModelConfig, ProtocolConfig, RunConfig, validate
 from pipeline.data.datamodule import SampleDataModule
-from pipeline.data.sources import dataset_name, load_samples
+from pipeline.data.sources import Sample, content_digest, dataset_name, load_samples
 from pipeline.errors import UserError
 from pipeline.models.adapters import layout_for
 from pipeline.masking.static import calibrate
-from pipeline.models.loading import load_model
-from pipeline.models.prompts import resolve_template, stop_token_ids
+from pipeline.models.loading import LoadedModel, load_model
+from pipeline.models.prompts import answer_length, prompt_ids, resolve_template, stop_token_ids
 from pipeline.results.plot import plot_curves
-from pipeline.results.store import check_run_dir, completed_samples, fingerprint, open_run_dir, read_records
+from pipeline.results.store import (check_run_dir, completed_samples, fingerprint, load_records, open_run_dir,
+                                    read_records)
 from pipeline.results.summary import format_table, summarize, write_summary
 from pipeline.runner.callbacks import MaskingCallback, RecordWriter
 from pipeline.runner.module import SparseActivationModule
-from pipeline.runner.preemption import Preempted, PreemptionCallback, requeue_slurm_job
+from pipeline.runner.lock import RunLock, process_rank
+from pipeline.runner.preemption import Interrupted, Preempted, PreemptionCallback, requeue_slurm_job
 
 
 def calibration_samples(data: DataConfig, count: int):
@@ -79,6 +82,27 @@ def _quiet() -> None:
     warnings.filterwarnings("ignore", message=".*infer the batch indices.*")
 
 
+def device_type(run: RunConfig) -> str:
+    """cuda or cpu, as Lightning's accelerator choice will make it (numbers differ between the two)."""
+    if run.accelerator in ("gpu", "cuda") or (run.accelerator == "auto" and torch.cuda.is_available()):
+        return "cuda"
+    return "cpu"
+
+
+def check_context(loaded, template: str, samples, protocol: ProtocolConfig) -> None:
+    """Refuse a prompt that, with its answer, would not fit the model's context window."""
+    config = loaded.model.config
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if not limit:
+        return
+    for sample in samples:
+        needed = len(prompt_ids(loaded.tokenizer, template, sample.question)) + answer_length(
+            loaded.tokenizer, sample.reference, protocol.max_new_tokens)
+        if needed > limit:
+            raise UserError(f"sample {sample.id} needs {needed} positions (prompt and answer), more than the "
+                            f"{limit} of {loaded.name}'s context; shorten it or leave it out with --data.start/--data.limit")
+
+
 def evaluate(
     model: ModelConfig | None = None,
     data: DataConfig | None = None,
@@ -91,14 +115,23 @@ def evaluate(
     session_started = time.time()
     validate(model, data, protocol, run)
     samples, task = load_samples(data)
+    calibration = calibration_samples(data, protocol.calibration_samples) if "static" in protocol.metrics else []
     loaded = load_model(model)
     layout_for(loaded.model)  # unsupported architectures fail here, before any file is written
     template = resolve_template(model.template, loaded.tokenizer)
+    check_context(loaded, template, samples + calibration, protocol)
+    device = device_type(run)
+    batch_size = run.batch_size or (16 if device == "cuda" else 4)
 
+    # Everything that changes a number, identified by content (docs: "Resuming").
     numbers_affecting = {
         "model": loaded.name, "weights": loaded.weights_id, "dtype": model.dtype, "template": template,
-        "data": asdict(data), "task": task,
-        "protocol": {k: v for k, v in asdict(protocol).items() if k != "save_scores"},  # output only
+        "data": {"dataset": dataset_name(data), "questions": len(samples), "content_sha256": content_digest(samples)},
+        "calibration_sha256": content_digest(calibration) if calibration else None,
+        "task": task,
+        "protocol": {k: v for k, v in asdict(protocol).items() if k != "save_scores"},  # save_scores: output only
+        # batch-mates share padded computations, and CPU and GPU kernels round differently
+        "batch_size": batch_size, "device": device,
     }
     info = {
         "fingerprint": fingerprint(numbers_affecting),
@@ -109,47 +142,87 @@ def evaluate(
     default_name = f"{Path(model.name).name}__{dataset_name(data)}__{info['fingerprint'][:8]}"
     run_dir = Path(run.output_dir) if run.output_dir else Path("runs") / default_name
     check_run_dir(run_dir, info)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UserError(f"cannot create output directory {run_dir}: {error.strerror or error}") from None
+    rank = process_rank(run.devices)
+    with RunLock(run_dir, rank):
+        job = Job(run_dir, info, rank, loaded, template, task, samples, calibration, batch_size)
+        return _evaluate_locked(job, model, data, protocol, run, session_started)
 
+
+@dataclass
+class Job:
+    """What the run has resolved before it touches the directory: passed on explicitly."""
+
+    run_dir: Path
+    info: dict  # run.json: fingerprint, config, numbers_affecting
+    rank: int
+    loaded: LoadedModel
+    template: str
+    task: str
+    samples: list[Sample]
+    calibration: list[Sample]  # rows after the evaluated slice (static metric), else empty
+    batch_size: int
+
+
+def _evaluate_locked(job: Job, model: ModelConfig, data: DataConfig, protocol: ProtocolConfig, run: RunConfig,
+                     session_started: float) -> Path:
+    run_dir, info, rank, loaded, samples = job.run_dir, job.info, job.rank, job.loaded, job.samples
+    template, task, calibration, batch_size = job.template, job.task, job.calibration, job.batch_size
+    check_run_dir(run_dir, info)  # again: another run may have written it before we held the lock
     rows_per_sample = len(protocol.metrics) * len(protocol.levels)
-    done = completed_samples(run_dir, rows_per_sample) if run_dir.exists() else set()
+    existing = load_records(run_dir)
+    if existing.warning() and rank == 0:
+        print(f"{run_dir}: {existing.warning()}")
+    done = completed_samples(existing.rows, rows_per_sample)
     pending = [s for s in samples if s.id not in done]
-    open_run_dir(run_dir, info)
-    if done:
+    if done and rank == 0:
         print(f"resuming {run_dir}: {len(samples) - len(pending)} of {len(samples)} samples already done")
 
     if pending:
+        preemption = PreemptionCallback()
+        try:
+            trainer = L.Trainer(
+                accelerator=run.accelerator, devices=run.devices, num_nodes=run.num_nodes, strategy=run.strategy,
+                logger=False, enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=run.progress,
+                inference_mode=False,  # attribution needs autograd inside predict_step
+                use_distributed_sampler=False,  # the data module deals whole blocks of samples to the ranks
+                # tqdm rather than rich: it also leaves readable progress lines in batch-job logs
+                callbacks=[MaskingCallback(), RecordWriter(run_dir), preemption]
+                + ([TQDMProgressBar()] if run.progress else []),
+                # Lightning's own SLURM requeue saves a training checkpoint; prediction needs none
+                plugins=[SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else None,
+            )
+        except MisconfigurationException as error:
+            raise UserError(f"cannot run on the requested hardware: {str(error).splitlines()[0]}") from None
+        open_run_dir(run_dir, info)
         stop_ids = stop_token_ids(loaded.tokenizer, loaded.model)
         thresholds = None
-        if "static" in protocol.metrics:
-            calibration = calibration_samples(data, protocol.calibration_samples)
+        if calibration:
             thresholds = calibrate(loaded.model, loaded.tokenizer, template, calibration, protocol.levels,
                                    protocol.max_new_tokens, stop_ids)
         module = SparseActivationModule(loaded.model, loaded.tokenizer, template, protocol, task, stop_ids, thresholds)
-        preemption = PreemptionCallback()
-        trainer = L.Trainer(
-            accelerator=run.accelerator, devices=run.devices, num_nodes=run.num_nodes, strategy=run.strategy,
-            logger=False, enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=run.progress,
-            inference_mode=False,  # attribution needs autograd inside predict_step
-            use_distributed_sampler=False,  # the data module deals whole blocks of samples to the ranks
-            # tqdm rather than rich: it also leaves readable progress lines in batch-job logs
-            callbacks=[MaskingCallback(), RecordWriter(run_dir), preemption]
-            + ([TQDMProgressBar()] if run.progress else []),
-            # Lightning's own SLURM requeue saves a training checkpoint; prediction needs none
-            plugins=[SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else None,
-        )
-        batch_size = run.batch_size or (16 if trainer.accelerator.__class__.__name__ == "CUDAAccelerator" else 4)
         started = time.time()
         try:
             trainer.predict(module, datamodule=SampleDataModule(samples, batch_size, done), return_predictions=False)
         except Preempted as stop:
             requeued = stop.signum == signal.SIGUSR1 and run.requeue and requeue_slurm_job()
-            print(f"stopped by {stop}: finished samples are saved in {run_dir}; "
-                  + ("the job is requeued and will resume" if requeued else "rerun the same command to resume"))
+            if trainer.global_rank == 0:
+                print(f"stopped by {stop}: finished samples are saved in {run_dir}; "
+                      + ("the job is requeued and will resume" if requeued else "rerun the same command to resume"))
             raise SystemExit(128 + stop.signum) from None
+        except Interrupted:
+            if trainer.global_rank == 0:
+                raise KeyboardInterrupt from None  # the command line prints what was saved
+            raise SystemExit(130) from None
         trainer.strategy.barrier()  # every rank's shard is complete before rank 0 merges
         if trainer.global_rank != 0:
             return run_dir
         print(f"evaluated {len(pending)} samples in {time.time() - started:.1f} s, peak memory {peak_memory_gib():.2f} GiB")
+    else:
+        open_run_dir(run_dir, info)
 
     records = [r for r in read_records(run_dir) if r["sample_id"] in {s.id for s in samples}]
     if not records:
