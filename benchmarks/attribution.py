@@ -3,7 +3,7 @@
 (a) ``attribute_batch``: the five default scores, one forward+backward per batch of samples.
 (b) The authors' algorithm, re-implemented here as the baseline: for every generated
     token, every layer and every unit kind, one forward of the current position over a
-    KV cache of the earlier ones and one backward (SPEC section 10). Timed on a subset
+    KV cache of the earlier ones and one backward (docs/protocol.md §10). Timed on a subset
     of tokens (and layers, with --baseline-layers) and scaled per generated token.
 (c) Captum's ``LayerGradientXActivation`` on the same hook points (all layers at once),
     looping over tokens as a Captum user would: one forward+backward over the prefix

@@ -59,7 +59,7 @@ class DataConfig:
 
 @dataclass
 class ProtocolConfig:
-    """The evaluation protocol of SPEC sections 3-6."""
+    """The evaluation protocol of docs/protocol.md §3-§6."""
 
     metrics: list[str] = field(default_factory=lambda: list(DEFAULT_METRICS))
     """Scores to evaluate: magnitude, gradient, gxo, snip, ig, cor_gxo (ig costs 2 x layers extra passes),

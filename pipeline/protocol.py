@@ -51,7 +51,7 @@ def evaluate_batch(
     """
     prompts = [torch.tensor(prompt_ids(tokenizer, template, s.question)) for s in samples]
 
-    # Labels: what the dense model says (SPEC section 3).
+    # Labels: what the dense model says (docs/protocol.md §3).
     dense = dense_generate_batch(
         model, prompts, [answer_length(tokenizer, s.reference, protocol.max_new_tokens) for s in samples], stop_ids)
 

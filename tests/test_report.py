@@ -142,7 +142,7 @@ def test_heatmap_defaults_to_static_and_falls_back_to_first_score(tmp_path):
     # two runs of one model and dataset: the headline rows say which run each comes from
     headline = md.split("\n\n")[1]
     assert headline.count("| topk |") == 2 and headline.count("| calibrated |") == 2
-    note = "Top-k scores keep floor(p·n)/n of every layer by construction (SPEC §5)"
+    note = "Top-k scores keep floor(p·n)/n of every layer by construction (docs/protocol.md §5.1)"
 
     # without static the run still gets a heatmap, of its first score, flagged as flat by construction
     assert (tmp_path / "out" / "report_assets" / "topk_layers.png").exists()

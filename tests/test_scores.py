@@ -1,6 +1,6 @@
 """Every metric against a slow, obvious per-token reference.
 
-The reference follows SPEC section 4 literally: for token t, run the model on
+The reference follows docs/protocol.md §4.1 literally: for token t, run the model on
 prompt + y_0..y_{t-1} from scratch, take the loss of the last position only, and
 differentiate it with respect to the unit outputs at the last position only.
 """

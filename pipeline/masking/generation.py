@@ -1,4 +1,4 @@
-"""Greedy decoding with a KV cache, with optional per-step unit masks (SPEC section 6).
+"""Greedy decoding with a KV cache, with optional per-step unit masks (docs/protocol.md §6).
 
 All rows share one prompt, so many (metric, level) mask sets decode together in one
 batch. At step t the hooks multiply the units at the position being computed by the
@@ -10,7 +10,7 @@ Work that is the same in every row is done once:
 * the prompt before its last token is dense in every row: it runs once with batch 1
   and its cache is shared by all rows;
 * after a dense run (``dense_generate``), the leading steps in which no row switches a
-  unit off are the dense run's own steps (SPEC's dense first step), so masked rows
+  unit off are the dense run's own steps (e.g. step 0 under --protocol.dense_first_step, docs/protocol.md §6), so masked rows
   start from the dense run's cache after them (``masked_after_dense``); a row that
   switches nothing off at any step *is* the dense run and is not decoded again.
 

@@ -1,4 +1,4 @@
-"""From importances to keep masks, and the achieved sparsity they give (SPEC section 5)."""
+"""From importances to keep masks, and the achieved sparsity they give (docs/protocol.md §5)."""
 
 from __future__ import annotations
 

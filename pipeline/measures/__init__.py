@@ -1,4 +1,4 @@
-"""Accuracy measures (SPEC section 7): fidelity to the dense output and task accuracy."""
+"""Accuracy measures (docs/protocol.md §7): fidelity to the dense output and task accuracy."""
 
 from pipeline.measures.fidelity import bleu_vs_dense, token_agreement
 from pipeline.measures.task import TASK_MEASURES, task_score

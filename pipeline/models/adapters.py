@@ -1,4 +1,4 @@
-"""The adapter table: where each architecture's units live (SPEC section 2).
+"""The adapter table: where each architecture's units live (docs/protocol.md §2).
 
 A unit's output is the *input* of a projection, so one forward pre-hook on that
 projection sees every unit of the layer:

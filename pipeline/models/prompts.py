@@ -44,7 +44,7 @@ def stop_token_ids(tokenizer, model) -> list[int]:
 
 
 def answer_length(tokenizer, reference: str | None, cap: int) -> int:
-    """T: the reference answer's length in tokens (SPEC section 3), capped; ``cap`` without a reference."""
+    """T: the reference answer's length in tokens (docs/protocol.md §3), capped; ``cap`` without a reference."""
     if not reference:
         return cap
     return max(1, min(cap, len(tokenizer(reference, add_special_tokens=False)["input_ids"])))

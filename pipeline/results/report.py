@@ -162,7 +162,7 @@ def heatmap_plot(run: RunData, metric: str, level: float) -> tuple[bytes, str] |
     # only static has per-layer thresholds; every other score switches off floor(p*n) units
     # per layer, so its heatmap is flat and says nothing about the layers
     if metric != "static":
-        caption += (" Top-k scores keep floor(p·n)/n of every layer by construction (SPEC §5);"
+        caption += (" Top-k scores keep floor(p·n)/n of every layer by construction (docs/protocol.md §5.1);"
                     " use --heatmap_metric static for thresholds calibrated per layer.")
     import matplotlib.pyplot as plt
 

@@ -1,4 +1,4 @@
-"""Aggregate records into the per-(metric, level) table and the headline figure (SPEC section 8)."""
+"""Aggregate records into the per-(metric, level) table and the headline figure (docs/protocol.md §8)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Scores: per-token unit importances (SPEC section 4).
+"""Scores: per-token unit importances (docs/protocol.md §4).
 
 ``metrics.py`` holds the formulas, ``exact_attention.py`` the attention function that
 makes one backward pass give every token its own gradient, ``attribution.py`` the

@@ -1,6 +1,6 @@
 """An attention function whose backward pass keeps every token's gradient to itself.
 
-SPEC section 4 wants, for each generated token t, the gradient of *its* loss L_t with
+docs/protocol.md §4.1 wants, for each generated token t, the gradient of *its* loss L_t with
 respect to the unit outputs at *its* position, earlier positions held fixed: one
 decoding step with a KV cache. A plain backward of ``sum_t L_t`` over the full
 sequence is wrong: position t's keys and values also feed the queries of later
