@@ -335,6 +335,7 @@ def test_killed_run_resumes_without_redoing_requests(tiny_dir, tmp_path, manager
     (["--allocation", "global"], "unknown allocation 'global'"),
     (["--score", "static"], "score 'static'"),
     (["--level", "1.5"], "level must be"),
+    (["--data_dir", "/nonexistent"], "TruthfulQA.csv not found"),
     (["--score", "cor_gxo", "--tasks", "[gsm8k_local]", "--gen_kwargs", "do_sample=True,temperature=0.7"],
      "must be greedy"),
 ])

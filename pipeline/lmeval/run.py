@@ -107,10 +107,13 @@ def run_lmeval(model: ModelConfig, tasks: list[str], score: str, level: float, a
     import lm_eval
     from lm_eval.utils import handle_non_serializable, make_table
 
-    results = lm_eval.simple_evaluate(
-        model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit, gen_kwargs=gen_kwargs,
-        use_cache=str(run_dir / "cache" / "requests"), log_samples=True, task_manager=manager,
-        apply_chat_template=apply_chat_template)
+    try:
+        results = lm_eval.simple_evaluate(
+            model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit, gen_kwargs=gen_kwargs,
+            use_cache=str(run_dir / "cache" / "requests"), log_samples=True, task_manager=manager,
+            apply_chat_template=apply_chat_template)
+    except FileNotFoundError as error:  # a task's local data file (configs/lm_eval/tasks/utils.py)
+        raise UserError(str(error).splitlines()[0]) from None
     if results is None:  # a rank other than 0
         return run_dir
     samples = results.pop("samples", {})

@@ -24,8 +24,9 @@ def data_file(*parts: str, data_dir: str | None = None) -> Path:
     root = Path(data_dir or os.environ.get("SPARSEACT_DATA_DIR") or DEFAULT_DATA_DIR).expanduser()
     path = root.joinpath(*parts)
     if not path.exists():
-        raise FileNotFoundError(f"{path} not found: give the data directory with --metadata "
-                                "'{\"data_dir\": \"DIR\"}' or SPARSEACT_DATA_DIR (default ../shared/data)")
+        raise FileNotFoundError(f"{path} not found: give the data directory (sparseact lmeval --data_dir DIR, "
+                                "lm-eval --metadata '{\"data_dir\": \"DIR\"}', or SPARSEACT_DATA_DIR; "
+                                "default ../shared/data)")
     return path
 
 
