@@ -69,6 +69,58 @@ def report(runs: list[str] | str, output: str | None = None, heatmap_metric: str
     write_report([runs] if isinstance(runs, str) else runs, output, heatmap_metric, heatmap_level)
 
 
+def lmeval(
+    model: ModelConfig = ModelConfig(),
+    tasks: list[str] = ["truthfulqa_mc1_local"],  # noqa: B006
+    score: str = "wina",
+    level: float = 0.5,
+    allocation: str = "per_layer",
+    dense_first_step: bool = False,
+    batch_size: int = 4,
+    limit: float | None = None,
+    num_fewshot: int | None = None,
+    gen_kwargs: str | None = None,
+    include_path: list[str] = [],  # noqa: B006
+    data_dir: str | None = None,
+    output_dir: str | None = None,
+    device: str = "auto",
+    ig_steps: int = 20,
+    apply_chat_template: bool = False,
+    progress: bool = True,
+) -> None:
+    """Run lm-eval tasks on the model with units switched off per position (needs the [lmeval] extra).
+
+    Writes run.json, results.json (lm-eval's) and samples_<task>.jsonl into the run
+    directory; a killed run rerun with the same arguments redoes no finished request.
+
+    Args:
+        model: Model and precision (name, revision, dtype, cache_dir, trust_remote_code; template is unused:
+            lm-eval's tasks bring their prompts).
+        tasks: lm-eval task names: the offline truthfulqa_mc1_local, truthfulqa_mc2_local, gsm8k_local
+            (configs/lm_eval/tasks), tasks under include_path, or any task of lm-eval's registry (needs network).
+        score: magnitude or wina (label-free), or gradient, gxo, snip, ig, cor_gxo (labels from the dense model).
+        level: Sparsity level p in [0, 1); 0 is the dense model (lm-eval's hf numbers).
+        allocation: How a level becomes keep masks: per_layer (floor(p * n) units off in every layer).
+        dense_first_step: Keep every unit at the first position of each continuation (the authors' scripts).
+        batch_size: Requests per forward pass (as lm-eval's --batch_size; no auto).
+        limit: Documents per task (an integer), or a fraction below 1.
+        num_fewshot: Few-shot examples (default: the task's).
+        gen_kwargs: Generation arguments for generate_until tasks, as lm-eval's --gen_kwargs (e.g. max_gen_toks=64).
+        include_path: More directories of lm-eval task YAMLs.
+        data_dir: Directory holding truthfulqa/TruthfulQA.csv and gsm8k/test.jsonl (default ../shared/data,
+            or $SPARSEACT_DATA_DIR).
+        output_dir: Run directory (default runs/lmeval/<model>__<score>-<level>-<allocation>__<fingerprint>).
+        device: auto, cpu, cuda or cuda:N.
+        ig_steps: Integrated-gradient steps (score ig).
+        apply_chat_template: Format prompts with the tokenizer's chat template (lm-eval's option).
+        progress: Show progress bars.
+    """
+    from pipeline.lmeval.run import run_lmeval
+
+    run_lmeval(model, tasks, score, level, allocation, dense_first_step, batch_size, limit, num_fewshot, gen_kwargs,
+               include_path, data_dir, output_dir, device, ig_steps, apply_chat_template, progress)
+
+
 def main(argv: list[str] | None = None) -> None:
     import jsonargparse
     from jsonargparse import CLI
@@ -79,7 +131,7 @@ def main(argv: list[str] | None = None) -> None:
     except (AttributeError, TypeError):  # older jsonargparse
         jsonargparse.set_docstring_parse_options(attribute_docstrings=True)
     try:
-        CLI({"run": run, "sweep": sweep, "report": report}, args=argv, as_positional=False)
+        CLI({"run": run, "sweep": sweep, "report": report, "lmeval": lmeval}, args=argv, as_positional=False)
     except UserError as error:
         print(f"sparseact: error: {error}", file=sys.stderr)
         sys.exit(2)

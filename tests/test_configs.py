@@ -11,7 +11,8 @@ from pipeline.config import DataConfig, ModelConfig, ProtocolConfig, RunConfig, 
 from pipeline.models.adapters import layout_for
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-ALL_FILES = sorted(CONFIGS.rglob("*.yaml"))
+# configs/lm_eval holds lm-eval task files and `sparseact lmeval` files, checked by test_lmeval.py
+ALL_FILES = sorted(p for p in CONFIGS.rglob("*.yaml") if "lm_eval" not in p.relative_to(CONFIGS).parts)
 # A sweep file lists models (the sweep subcommand); every other file configures one run.
 SWEEP_FILES = [p for p in ALL_FILES if "models" in (yaml.safe_load(p.read_text()) or {})]
 RUN_FILES = [p for p in ALL_FILES if p not in SWEEP_FILES]

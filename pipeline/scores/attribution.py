@@ -227,8 +227,14 @@ def attribute_batch(
     metrics=DEFAULT_METRICS,
     ig_steps: int = 20,
     padding_side: str = "left",
+    targets: list[torch.Tensor] | None = None,
 ) -> list[dict[str, UnitScores]]:
-    """``attribute`` for several samples in one pass; returns one result per sample."""
+    """``attribute`` for several samples in one pass; returns one result per sample.
+
+    ``targets`` (one 1-D tensor per sample, as long as its labels): the tokens whose loss is
+    differentiated, when they differ from the fed ``labels`` (lm-eval log-likelihood requests
+    feed the given continuation but take the dense model's argmax as labels).
+    """
     unknown = [m for m in metrics if m not in METRICS]
     if unknown:
         raise ValueError(f"unknown metric(s) {unknown}; choose from {list(METRICS)}")
@@ -239,6 +245,9 @@ def attribute_batch(
     hooks.install()
     device = next(model.parameters()).device
     packed = pack(prompts, labels, padding_side, device, forward_arguments(model)[1])
+    if targets is not None:
+        real = packed.labels != IGNORE
+        packed.labels[real] = torch.cat([t.to(device) for t in targets])
     try:
         with_gradient = any(m in NEEDS_GRADIENT for m in metrics)
         x, g = _outputs_and_gradients(model, hooks, packed, with_gradient, keep_context="ig" in metrics)

@@ -1,0 +1,132 @@
+"""``sparseact lmeval``: one model x score x level x allocation on lm-eval tasks, in a run directory.
+
+The run directory holds ``run.json`` (configuration and fingerprint), ``results.json``
+(lm-eval's results, without samples), ``samples_<task>.jsonl`` (lm-eval's per-document
+samples) and ``cache/requests_rank<r>.db``.
+
+Resume: lm-eval's request cache (``use_cache``, a SQLite file per rank, written with
+autocommit as every request finishes). A killed run rerun with the same command finds
+every finished request in the cache and sends only the rest to the model. The cache is
+keyed by the request alone, not by the model, so it lives in the run directory, whose
+fingerprint covers everything that changes numbers; a different configuration aimed at
+the same directory is refused.
+
+Several GPUs: lm-eval's own data parallelism (``accelerate launch -m pipeline ...
+lmeval ...``): lm-eval splits each task's documents over ranks and gathers results and
+samples on rank 0; each rank keeps its own cache file. The project's Lightning DDP is not
+used here: lm-eval builds, filters and scores the requests, and would have to be
+re-implemented around Lightning's sampler.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+
+from pipeline.config import ModelConfig
+from pipeline.errors import UserError
+
+TASKS_DIR = Path(__file__).resolve().parents[2] / "configs" / "lm_eval" / "tasks"
+
+
+def _require_lm_eval():
+    try:
+        import lm_eval  # noqa: F401
+    except ImportError:
+        raise UserError("lm-eval is not installed: pip install -e '.[lmeval]'") from None
+
+
+def task_manager(tasks: list[str], include_path: list[str], data_dir: str | None):
+    """lm-eval's TaskManager over the shipped offline tasks (and ``include_path``); lm-eval's
+    own task registry is indexed too only when a task is not found locally."""
+    from lm_eval.tasks import TaskManager
+
+    paths = [str(TASKS_DIR)] + [str(Path(p).resolve()) for p in include_path]
+    for p in paths[1:]:
+        if not Path(p).exists():
+            raise UserError(f"include_path {p} does not exist")
+    metadata = {"data_dir": str(Path(data_dir).resolve())} if data_dir else None
+    manager = TaskManager(include_path=paths, include_defaults=False, metadata=metadata)
+    if set(manager.match_tasks(tasks)) != set(tasks) or any(t not in manager.all_tasks for t in tasks):
+        manager = TaskManager(include_path=paths, include_defaults=True, metadata=metadata)
+    unknown = [t for t in tasks if t not in manager.all_tasks]
+    if unknown:
+        raise UserError(f"unknown task(s) {', '.join(unknown)}; shipped offline tasks: "
+                        f"{', '.join(sorted(p.stem for p in TASKS_DIR.glob('*.yaml')))} (or any lm-eval task, "
+                        "with network)")
+    return manager
+
+
+def fingerprint(config: dict) -> str:
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def run_lmeval(model: ModelConfig, tasks: list[str], score: str, level: float, allocation: str,
+               dense_first_step: bool, batch_size: int, limit: float | None, num_fewshot: int | None,
+               gen_kwargs: str | None, include_path: list[str], data_dir: str | None, output_dir: str | None,
+               device: str, ig_steps: int, apply_chat_template: bool, progress: bool) -> Path:
+    _require_lm_eval()
+    from pipeline.lmeval.model import SparseActLM, check_args
+
+    check_args(score, level, allocation, model.dtype, batch_size)
+    if not tasks:
+        raise UserError("no tasks given")
+    if limit is not None and limit <= 0:
+        raise UserError(f"limit must be > 0, got {limit}")
+    for name in ("lm_eval", "lm-eval"):
+        logging.getLogger(name).setLevel(logging.ERROR)  # lm-eval's INFO/WARNING chatter; errors still show
+    manager = task_manager(tasks, include_path, data_dir)
+
+    lm = SparseActLM(pretrained=model.name, score=score, level=level, allocation=allocation, dtype=model.dtype,
+                     batch_size=batch_size, dense_first_step=dense_first_step, ig_steps=ig_steps, device=device,
+                     revision=model.revision, trust_remote_code=model.trust_remote_code, cache_dir=model.cache_dir)
+    lm.show_progress = progress
+    config = {
+        "model": model.name, "weights": lm.weights_id, "dtype": model.dtype, "tasks": sorted(tasks), "score": score,
+        "level": level, "allocation": allocation, "dense_first_step": dense_first_step, "batch_size": batch_size,
+        "limit": limit, "num_fewshot": num_fewshot, "gen_kwargs": gen_kwargs, "apply_chat_template": apply_chat_template,
+        "ig_steps": ig_steps if score == "ig" else None,
+        "data_dir": str(Path(data_dir).resolve()) if data_dir else None,
+    }
+    print_ = fingerprint(config)
+    short = Path(model.name).name if Path(model.name).exists() else model.name.replace("/", "--")
+    run_dir = Path(output_dir or f"runs/lmeval/{short}__{score}-{level}-{allocation}__{print_}")
+    stored = run_dir / "run.json"
+    if stored.exists():
+        previous = json.loads(stored.read_text())
+        if previous.get("fingerprint") != print_:
+            raise UserError(f"{run_dir} holds a run with another configuration (fingerprint "
+                            f"{previous.get('fingerprint')}, this one {print_}); choose another output_dir")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "cache").mkdir(exist_ok=True)
+    _write(stored, json.dumps({"fingerprint": print_, "config": config}, indent=2))
+
+    import lm_eval
+    from lm_eval.utils import handle_non_serializable, make_table
+
+    try:
+        results = lm_eval.simple_evaluate(
+            model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit, gen_kwargs=gen_kwargs,
+            use_cache=str(run_dir / "cache" / "requests"), log_samples=True, task_manager=manager,
+            apply_chat_template=apply_chat_template)
+    except FileNotFoundError as error:  # a task's local data file (configs/lm_eval/tasks/utils.py)
+        raise UserError(str(error).splitlines()[0]) from None
+    if results is None:  # a rank other than 0
+        return run_dir
+    samples = results.pop("samples", {})
+    for task, rows in samples.items():
+        _write(run_dir / f"samples_{task}.jsonl",
+               "".join(json.dumps(r, default=handle_non_serializable, ensure_ascii=False) + "\n" for r in rows))
+    _write(run_dir / "results.json", json.dumps(results, indent=2, default=handle_non_serializable, ensure_ascii=False))
+    print(make_table(results))
+    print(f"run directory: {run_dir}")
+    return run_dir
+
+
+def _write(path: Path, text: str) -> None:
+    partial = path.with_name(path.name + f".tmp{os.getpid()}")
+    partial.write_text(text)
+    partial.replace(path)
