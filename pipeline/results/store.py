@@ -4,7 +4,7 @@
   that changes numbers (model and weights, dataset and slice, template, protocol).
   A run directory only ever holds one fingerprint: a different configuration is
   refused before anything is written.
-* ``records.jsonl`` gets one line per (sample, metric, level), appended, flushed and
+* ``records.jsonl`` gets one line per (sample, metric, allocation, level), appended, flushed and
   fsynced after every batch, so a killed run loses at most the batch in flight. A torn
   last line is ignored on reading, and a rerun skips samples already complete.
 * Summaries are written to a temporary file and renamed into place.
@@ -63,7 +63,7 @@ def open_run_dir(run_dir: Path, info: dict) -> None:
 
 
 def read_records(run_dir: Path) -> list[dict]:
-    """One record per (sample, metric, level).
+    """One record per (sample, metric, allocation, level).
 
     A torn (partially written) line is skipped. A sample cut off mid-write and redone
     on resume appears twice on disk; the later copy wins, so nothing is counted twice.
@@ -75,17 +75,23 @@ def read_records(run_dir: Path) -> list[dict]:
         for line in text.splitlines():
             try:
                 record = json.loads(line)
-                records[(record["sample_id"], record["metric"], record["level"])] = record
+                records[(record["sample_id"], *row_key(record))] = record
             except (ValueError, KeyError, TypeError):
                 continue
     return list(records.values())
+
+
+def row_key(record: dict) -> tuple:
+    """What tells a sample's records apart: metric, allocation, normalisation, level (records
+    written before allocations existed are per_layer)."""
+    return record["metric"], record.get("allocation", "per_layer"), record.get("normalize"), record["level"]
 
 
 def completed_samples(run_dir: Path, rows_per_sample: int) -> set[str]:
     """Samples whose records are all present."""
     counts: dict[str, set] = {}
     for record in read_records(run_dir):
-        counts.setdefault(record["sample_id"], set()).add((record["metric"], record["level"]))
+        counts.setdefault(record["sample_id"], set()).add(row_key(record))
     return {sample for sample, rows in counts.items() if len(rows) >= rows_per_sample}
 
 

@@ -19,6 +19,7 @@ from pipeline.data.datamodule import SampleDataModule
 from pipeline.data.sources import dataset_name, load_samples
 from pipeline.errors import UserError
 from pipeline.models.adapters import layout_for
+from pipeline.masking.calibration import levels_for_run
 from pipeline.masking.static import calibrate
 from pipeline.models.loading import load_model
 from pipeline.models.prompts import resolve_template, stop_token_ids
@@ -27,10 +28,11 @@ from pipeline.results.store import check_run_dir, completed_samples, fingerprint
 from pipeline.results.summary import format_table, summarize, write_summary
 from pipeline.runner.callbacks import MaskingCallback, RecordWriter
 from pipeline.runner.module import SparseActivationModule
+from pipeline.scores.metrics import SCORES
 from pipeline.runner.preemption import Preempted, PreemptionCallback, requeue_slurm_job
 
 
-def calibration_samples(data: DataConfig, count: int):
+def calibration_samples(data: DataConfig, count: int, purpose: str = "the static metric"):
     """The rows right after the evaluated slice: calibration never sees evaluated samples."""
     evaluated, _ = load_samples(data)
     after = int(evaluated[-1].id.rsplit(":", 1)[1]) + 1
@@ -39,7 +41,7 @@ def calibration_samples(data: DataConfig, count: int):
     except UserError:
         samples = []
     if len(samples) < count:
-        raise UserError(f"the static metric calibrates on the {count} rows after the evaluated ones, but only "
+        raise UserError(f"{purpose} calibrates on the {count} rows after the evaluated ones, but only "
                         f"{len(samples)} remain; lower protocol.calibration_samples or data.limit")
     return samples
 
@@ -92,13 +94,13 @@ def evaluate(
     validate(model, data, protocol, run)
     samples, task = load_samples(data)
     loaded = load_model(model)
-    layout_for(loaded.model)  # unsupported architectures fail here, before any file is written
+    layout = layout_for(loaded.model)  # unsupported architectures fail here, before any file is written
     template = resolve_template(model.template, loaded.tokenizer)
 
     numbers_affecting = {
         "model": loaded.name, "weights": loaded.weights_id, "dtype": model.dtype, "template": template,
         "data": asdict(data), "task": task,
-        "protocol": {k: v for k, v in asdict(protocol).items() if k != "save_scores"},  # output only
+        "protocol": protocol.numbers_affecting(),
     }
     info = {
         "fingerprint": fingerprint(numbers_affecting),
@@ -109,8 +111,12 @@ def evaluate(
     default_name = f"{Path(model.name).name}__{dataset_name(data)}__{info['fingerprint'][:8]}"
     run_dir = Path(run.output_dir) if run.output_dir else Path("runs") / default_name
     check_run_dir(run_dir, info)
+    # what the static thresholds and the calibrated allocation read, checked before anything is written
+    calibration = calibration_samples(data, protocol.calibration_samples, "the static metric or calibrated allocation"
+                                      ) if protocol.needs_calibration_rows() else None
+    levels = levels_for_run(protocol, layout, run_dir)
 
-    rows_per_sample = len(protocol.metrics) * len(protocol.levels)
+    rows_per_sample = len(protocol.variants()) * len(protocol.levels)
     done = completed_samples(run_dir, rows_per_sample) if run_dir.exists() else set()
     pending = [s for s in samples if s.id not in done]
     open_run_dir(run_dir, info)
@@ -120,11 +126,12 @@ def evaluate(
     if pending:
         stop_ids = stop_token_ids(loaded.tokenizer, loaded.model)
         thresholds = None
-        if "static" in protocol.metrics:
-            calibration = calibration_samples(data, protocol.calibration_samples)
+        if any(SCORES[m].thresholds for m in protocol.metrics):
             thresholds = calibrate(loaded.model, loaded.tokenizer, template, calibration, protocol.levels,
                                    protocol.max_new_tokens, stop_ids)
-        module = SparseActivationModule(loaded.model, loaded.tokenizer, template, protocol, task, stop_ids, thresholds)
+        layer_levels = levels.tensors(loaded.model, loaded.tokenizer, template, calibration, stop_ids)
+        module = SparseActivationModule(loaded.model, loaded.tokenizer, template, protocol, task, stop_ids, thresholds,
+                                        layer_levels)
         preemption = PreemptionCallback()
         trainer = L.Trainer(
             accelerator=run.accelerator, devices=run.devices, num_nodes=run.num_nodes, strategy=run.strategy,

@@ -1,0 +1,319 @@
+"""Calibrated allocation: per-layer levels from a greedy search on calibration rows (TEAL's recipe).
+
+Start with every layer dense; at each step raise the level of the one layer whose
+increase costs the least loss per unit of sparsity gained; record each step. One
+greedy path gives the per-layer levels of every ``p``: the first state on the path
+whose parameter-weighted sparsity (SPEC section 5) reaches ``p``.
+
+* **Loss.** Mean KL(dense || masked) of the next-token distributions over the
+  calibration rows' generated positions, teacher-forced on the dense greedy
+  continuation, with every position masked by the score at that position (as the
+  protocol masks each decoding step by its own token's scores). The rows are the ones
+  right after the evaluated slice, so calibration never sees an evaluated question.
+* **Why a table.** The loss of raising layer ``l`` to level ``q`` is measured with only
+  layer ``l`` masked (``loss_table``: layers x grid passes), and the greedy adds these
+  up. A greedy that re-measured every candidate jointly after each step would need
+  layers x steps passes, about 8,000 for 30 layers at step 0.1: hours on a CPU, where
+  the table takes a few minutes (SmolLM2-135M, 16 rows). TEAL measures each block's
+  error on its own as well. With a separable loss whose per-layer costs grow convexly,
+  this greedy is optimal at every step (``tests/test_allocation.py`` checks it against an
+  exhaustive search).
+* **Steps.** Levels are multiples of ``step`` below 1; one level per layer applies to its
+  heads and its neurons alike (``floor(q * n)`` of each), which halves the passes. A step
+  that switches off no further unit (few heads) is merged into the next one.
+
+The result is saved as JSON in the run directory (``LEVELS_FILE``) and can be reused by
+another run with ``--protocol.allocation_levels``; the file's content is part of the
+fingerprint.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+
+from pipeline.errors import UserError
+from pipeline.masking.masks import keep_masks, units_off
+from pipeline.models.adapters import UnitLayout
+from pipeline.models.inputs import with_cache
+
+LEVELS_FILE = "allocation_levels.json"
+FORMAT = "sparseact-calibrated-levels/1"
+LOGIT_BUDGET = 2**26  # logits per masked pass (256 MB in fp32): candidates are batched up to it
+
+
+def level_grid(step: float) -> list[float]:
+    """``0, step, 2 step, ...`` below 1."""
+    return [round(k * step, 10) for k in range(int(1 / step + 1e-9) + 1) if k * step < 1 - 1e-9]
+
+
+def layer_gain(layout: UnitLayout, grid: list[float]) -> list[float]:
+    """Parameter-weighted sparsity one layer at each grid level adds to the model's average."""
+    H, N = layout.num_heads, layout.num_neurons
+    return [(layout.attention_share * units_off(q, H) / H + layout.mlp_share * units_off(q, N) / N)
+            / layout.num_layers for q in grid]
+
+
+def greedy_path(table: list[list[float]], gain: list[float]) -> list[tuple[int, int]]:
+    """Moves ``(layer, grid index)`` from all layers at 0 until every layer is at the top.
+
+    ``table[l][j]``: loss with layer ``l`` at grid level ``j`` (``table[l][0]`` dense);
+    ``gain[j]``: the sparsity a layer at level ``j`` adds. Each move raises one layer to
+    its next level that adds sparsity, choosing the smallest loss increase per sparsity
+    gained (ties: the lower layer).
+    """
+    state = [0] * len(table)
+    moves = []
+    while True:
+        best = None
+        for layer, j in enumerate(state):
+            after = next((k for k in range(j + 1, len(gain)) if gain[k] > gain[j]), None)
+            if after is None:
+                continue
+            cost = (table[layer][after] - table[layer][j]) / (gain[after] - gain[j])
+            if best is None or cost < best[0]:
+                best = (cost, layer, after)
+        if best is None:
+            return moves
+        state[best[1]] = best[2]
+        moves.append((best[1], best[2]))
+
+
+def levels_for(moves: list[tuple[int, int]], layers: int, grid: list[float], gain: list[float],
+               targets: list[float]) -> torch.Tensor:
+    """Per-layer levels ``[targets, layers]``: the first state on the path whose sparsity reaches
+    each target (the last state where none does)."""
+    states, state = [[0] * layers], [0] * layers
+    for layer, j in moves:
+        state = list(state)
+        state[layer] = j
+        states.append(state)
+    sparsity = [sum(gain[j] for j in s) for s in states]
+    rows = []
+    for p in targets:
+        index = next((i for i, s in enumerate(sparsity) if s >= p - 1e-12), len(states) - 1)
+        rows.append([grid[j] for j in states[index]])
+    return torch.tensor(rows, dtype=torch.float64)
+
+
+class CalibrationRows:
+    """Calibration rows packed once: the dense prompt cache, and the dense next-token log-probs.
+
+    Masks apply at the positions that predict the labels, each with its own token's
+    mask; the prompt before them stays dense (SPEC section 6), so it runs once and every
+    masked pass starts from a copy of its cache.
+    """
+
+    def __init__(self, model, prompts: list[torch.Tensor], labels: list[torch.Tensor]):
+        from pipeline.scores.attribution import pack
+
+        self.model = model
+        device = next(model.parameters()).device
+        packed = pack(prompts, labels, "left", device)
+        cut = packed.input_ids.shape[1] - int(packed.positions.shape[1])
+        self.cache = None
+        if cut > 0:
+            prefix, packed = packed.split()
+            self.cache = DynamicCache(config=model.config)
+            with torch.no_grad():
+                model(**prefix, **with_cache(model, self.cache))
+        self.packed = packed
+        self.selected = packed.selected()  # [N] flat [rows * seq] indices of the label positions
+        self.dense = self._log_probs(1, {})[0]  # [N, vocab]
+
+    @property
+    def rows(self) -> int:
+        return self.packed.input_ids.shape[0]
+
+    @property
+    def seq(self) -> int:
+        return self.packed.input_ids.shape[1]
+
+    @torch.no_grad()
+    def _log_probs(self, copies: int, masks: dict) -> torch.Tensor:
+        """Log-probs ``[copies, N, vocab]``; ``masks`` ``{module: [copies, rows, seq, units]}`` multiply
+        the units at every position (copy ``c`` of row ``b`` is batch row ``b * copies + c``)."""
+        inputs = {k: v.repeat_interleave(copies, 0) if torch.is_tensor(v) else v
+                  for k, v in self.packed.model_inputs().items()}
+        if self.cache is not None:
+            cache = copy.deepcopy(self.cache)
+            if copies > 1:
+                cache.batch_repeat_interleave(copies)
+            inputs.update(with_cache(self.model, cache, last_position_only=False))
+        handles = [module.register_forward_pre_hook(_masking_hook(mask.transpose(0, 1).flatten(0, 1)))
+                   for module, mask in masks.items()]
+        try:
+            logits = self.model(**inputs).logits
+        finally:
+            for handle in handles:
+                handle.remove()
+        logits = logits.view(self.rows, copies, self.seq, -1).transpose(0, 1).flatten(1, 2)
+        picked = logits[:, self.selected]
+        return F.log_softmax(picked.to(torch.promote_types(picked.dtype, torch.float32)), dim=-1)
+
+    def kl(self, copies: int, masks: dict) -> torch.Tensor:
+        """Mean KL(dense || masked) over the label positions, per copy ``[copies]``."""
+        masked = self._log_probs(copies, masks)
+        return (self.dense.exp() * (self.dense - masked)).sum(-1).mean(-1)
+
+    def spread(self, keep: torch.Tensor) -> torch.Tensor:
+        """Per-token keep masks ``[copies, N, units]`` -> per-position ``[copies, rows, seq, units]``
+        (positions that predict no label keep everything)."""
+        full = keep.new_ones(keep.shape[0], self.rows * self.seq, keep.shape[-1])
+        full[:, self.selected] = keep
+        return full.view(keep.shape[0], self.rows, self.seq, -1)
+
+
+def _masking_hook(mask: torch.Tensor):
+    """Pre-hook multiplying the hook point's units by ``mask`` ``[batch, seq, units]`` (a head's whole vector)."""
+    def hook(module, args):
+        x = args[0]
+        shaped = x.view(mask.shape[0], mask.shape[1], mask.shape[2], -1)  # OPT feeds [batch * seq, width]
+        return ((shaped * mask.unsqueeze(-1).to(x.dtype)).view_as(x), *args[1:])
+    return hook
+
+
+def loss_table(rows: CalibrationRows, layout: UnitLayout, heads: torch.Tensor, neurons: torch.Tensor,
+               grid: list[float]) -> list[list[float]]:
+    """``table[l][j]``: the calibration loss with only layer ``l`` at ``grid[j]`` (``grid[0]`` = 0: no pass).
+
+    ``heads`` ``[N, layers, heads]`` and ``neurons`` ``[N, layers, neurons]`` are the score at each
+    label position. The levels of one layer are batched, up to ``LOGIT_BUDGET`` logits per pass.
+    """
+    vocab = rows.dense.shape[-1]
+    per_pass = max(1, LOGIT_BUDGET // (rows.rows * rows.seq * vocab))
+    table = []
+    for layer in range(layout.num_layers):
+        losses = [0.0]
+        raised = grid[1:]
+        for start in range(0, len(raised), per_pass):
+            levels = raised[start:start + per_pass]
+            masks = {layout.head_inputs[layer]: rows.spread(keep_masks(heads[:, layer], levels)),
+                     layout.neuron_inputs[layer]: rows.spread(keep_masks(neurons[:, layer], levels))}
+            losses += rows.kl(len(levels), masks).tolist()
+        table.append(losses)
+    return table
+
+
+def search(rows: CalibrationRows, layout: UnitLayout, heads: torch.Tensor, neurons: torch.Tensor,
+           step: float) -> dict:
+    """One score's loss table and greedy path, as saved in ``LEVELS_FILE``."""
+    grid = level_grid(step)
+    table = loss_table(rows, layout, heads, neurons, grid)
+    gain = layer_gain(layout, grid)
+    state, path = [0] * layout.num_layers, []
+    for layer, j in greedy_path(table, gain):
+        state[layer] = j
+        path.append({"layer": layer, "level": grid[j], "sparsity": sum(gain[i] for i in state),
+                     "loss_sum": sum(table[l][i] for l, i in enumerate(state))})
+    return {"table": table, "path": path}
+
+
+def calibrate_levels(model, tokenizer, template: str, samples, metrics: list[str], layout: UnitLayout,
+                     max_new_tokens: int, stop_ids: list[int], step: float) -> dict:
+    """The levels document (``LEVELS_FILE``) of every score in ``metrics``, from the calibration ``samples``."""
+    from pipeline.masking.generation import dense_generate_batch
+    from pipeline.models.prompts import answer_length, prompt_ids
+    from pipeline.scores.attribution import attribute_batch
+
+    prompts = [torch.tensor(prompt_ids(tokenizer, template, s.question)) for s in samples]
+    dense = dense_generate_batch(model, prompts, [answer_length(tokenizer, s.reference, max_new_tokens)
+                                                  for s in samples], stop_ids)
+    labels = [torch.tensor(d.tokens) for d in dense]
+    rows = CalibrationRows(model, prompts, labels)
+    scores = attribute_batch(model, prompts, labels, metrics=metrics)
+    document = {"format": FORMAT, "layers": layout.num_layers, "heads": layout.num_heads,
+                "neurons": layout.num_neurons, "attention_share": layout.attention_share, "step": step,
+                "grid": level_grid(step), "calibration_rows": [s.id for s in samples],
+                "loss": "mean KL(dense || masked) over the calibration rows' generated positions, one layer masked",
+                "scores": {}}
+    for metric in metrics:
+        heads = torch.cat([s[metric].heads for s in scores])
+        neurons = torch.cat([s[metric].neurons for s in scores])
+        document["scores"][metric] = search(rows, layout, heads, neurons, step)
+    return document
+
+
+def layer_levels(document: dict, metric: str, layout: UnitLayout, levels: list[float]) -> torch.Tensor:
+    """``[levels, layers]``: the calibrated per-layer levels of ``metric`` at each requested level."""
+    grid = document["grid"]
+    index = {q: j for j, q in enumerate(grid)}
+    moves = [(move["layer"], index[move["level"]]) for move in document["scores"][metric]["path"]]
+    return levels_for(moves, layout.num_layers, grid, layer_gain(layout, grid), levels)
+
+
+def read_levels(path: str | Path) -> dict:
+    """A levels document, or one clear error."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"allocation levels file not found: {path}")
+    try:
+        document = json.loads(path.read_text())
+    except ValueError:
+        raise UserError(f"{path} is not JSON; expected the {LEVELS_FILE} of an earlier calibrated run") from None
+    if not isinstance(document, dict) or document.get("format") != FORMAT:
+        raise UserError(f"{path} is not a calibrated-levels file (format {FORMAT}); use the {LEVELS_FILE} of a run")
+    return document
+
+
+def file_digest(path: str | Path) -> str:
+    """What the fingerprint holds for a levels file: its content's hash, not its path."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def check_levels(document: dict, layout: UnitLayout, metrics: list[str], source: str) -> None:
+    """Refuse levels of another model shape, or without the scores this run calibrates."""
+    shape = (document.get("layers"), document.get("heads"), document.get("neurons"))
+    if shape != (layout.num_layers, layout.num_heads, layout.num_neurons):
+        raise UserError(f"{source} holds levels for {shape[0]} layers x {shape[1]} heads x {shape[2]} neurons; "
+                        f"this model has {layout.num_layers} x {layout.num_heads} x {layout.num_neurons}")
+    missing = [m for m in metrics if m not in document.get("scores", {})]
+    if missing:
+        raise UserError(f"{source} has no calibrated levels for {', '.join(missing)} "
+                        f"(it has {', '.join(document.get('scores', {})) or 'none'})")
+
+
+class RunLevels:
+    """A run's calibrated levels: read from ``--protocol.allocation_levels``, from the run directory
+    (a resumed run), or searched on the calibration rows and saved there."""
+
+    def __init__(self, protocol, layout: UnitLayout, run_dir: Path):
+        self.protocol, self.layout, self.path = protocol, layout, Path(run_dir) / LEVELS_FILE
+        self.metrics = protocol.calibrated_metrics()
+        self.given = None
+        if self.metrics and protocol.allocation_levels is not None:
+            self.given = read_levels(protocol.allocation_levels)
+            check_levels(self.given, layout, self.metrics, protocol.allocation_levels)
+
+    def tensors(self, model, tokenizer, template: str, calibration, stop_ids: list[int]) -> dict | None:
+        """``{metric: [levels, layers]}``, or None when no score is calibrated; writes ``LEVELS_FILE``."""
+        if not self.metrics:
+            return None
+        from pipeline.results.store import atomic_write_text
+
+        if self.given is not None:
+            document = self.given
+        elif self.path.exists():
+            document = read_levels(self.path)
+        else:
+            import time
+
+            started = time.time()
+            document = calibrate_levels(model, tokenizer, template, calibration, self.metrics, self.layout,
+                                        self.protocol.max_new_tokens, stop_ids, self.protocol.calibration_step)
+            print(f"calibrated per-layer levels of {', '.join(self.metrics)} on {len(calibration)} rows "
+                  f"in {time.time() - started:.1f} s")
+        if not self.path.exists():
+            atomic_write_text(self.path, json.dumps(document, indent=1) + "\n")
+        return {m: layer_levels(document, m, self.layout, self.protocol.levels) for m in self.metrics}
+
+
+def levels_for_run(protocol, layout: UnitLayout, run_dir: Path) -> RunLevels:
+    """Checks a given levels file against the model now, before the run writes anything."""
+    return RunLevels(protocol, layout, run_dir)
