@@ -103,17 +103,22 @@ def levels_for(moves: list[tuple[int, int]], layers: int, grid: list[float], gai
 
 
 class CalibrationRows:
-    """Calibration rows packed once: the dense prompt cache, and the dense next-token log-probs.
+    """Calibration rows packed once: the dense prompt cache, the dense next-token log-probs,
+    and the dense output of every layer.
 
     Masks apply at the positions that predict the labels, each with its own token's
     mask; the prompt before them stays dense (SPEC section 6), so it runs once and every
-    masked pass starts from a copy of its cache.
+    masked pass starts from a copy of its cache. A pass that masks layer ``l`` only leaves
+    layers before ``l`` dense: they return their recorded dense output instead of
+    computing it (about half the passes' work, averaged over ``l``).
     """
 
-    def __init__(self, model, prompts: list[torch.Tensor], labels: list[torch.Tensor]):
+    def __init__(self, model, layout: UnitLayout, prompts: list[torch.Tensor], labels: list[torch.Tensor]):
+        from pipeline.models.adapters import ADAPTERS
         from pipeline.scores.attribution import pack
 
         self.model = model
+        self.layers = list(model.get_submodule(ADAPTERS[layout.model_type].layers))
         device = next(model.parameters()).device
         packed = pack(prompts, labels, "left", device)
         cut = packed.input_ids.shape[1] - int(packed.positions.shape[1])
@@ -125,7 +130,19 @@ class CalibrationRows:
                 model(**prefix, **with_cache(model, self.cache))
         self.packed = packed
         self.selected = packed.selected()  # [N] flat [rows * seq] indices of the label positions
-        self.dense = self._log_probs(1, {})[0]  # [N, vocab]
+        self.outputs = [None] * len(self.layers)
+
+        def record(index):
+            def hook(module, args, output):
+                self.outputs[index] = output
+            return hook
+
+        handles = [layer.register_forward_hook(record(i)) for i, layer in enumerate(self.layers)]
+        try:
+            self.dense = self._log_probs(1, {})[0]  # [N, vocab]
+        finally:
+            for handle in handles:
+                handle.remove()
 
     @property
     def rows(self) -> int:
@@ -136,9 +153,10 @@ class CalibrationRows:
         return self.packed.input_ids.shape[1]
 
     @torch.no_grad()
-    def _log_probs(self, copies: int, masks: dict) -> torch.Tensor:
+    def _log_probs(self, copies: int, masks: dict, dense_below: int = 0) -> torch.Tensor:
         """Log-probs ``[copies, N, vocab]``; ``masks`` ``{module: [copies, rows, seq, units]}`` multiply
-        the units at every position (copy ``c`` of row ``b`` is batch row ``b * copies + c``)."""
+        the units at every position (copy ``c`` of row ``b`` is batch row ``b * copies + c``);
+        layers below ``dense_below`` return their recorded dense output."""
         inputs = {k: v.repeat_interleave(copies, 0) if torch.is_tensor(v) else v
                   for k, v in self.packed.model_inputs().items()}
         if self.cache is not None:
@@ -148,18 +166,22 @@ class CalibrationRows:
             inputs.update(with_cache(self.model, cache, last_position_only=False))
         handles = [module.register_forward_pre_hook(_masking_hook(mask.transpose(0, 1).flatten(0, 1)))
                    for module, mask in masks.items()]
+        for index in range(dense_below):
+            self.layers[index].forward = _replay(self.outputs[index], copies)
         try:
             logits = self.model(**inputs).logits
         finally:
             for handle in handles:
                 handle.remove()
+            for index in range(dense_below):
+                del self.layers[index].forward
         logits = logits.view(self.rows, copies, self.seq, -1).transpose(0, 1).flatten(1, 2)
         picked = logits[:, self.selected]
         return F.log_softmax(picked.to(torch.promote_types(picked.dtype, torch.float32)), dim=-1)
 
-    def kl(self, copies: int, masks: dict) -> torch.Tensor:
+    def kl(self, copies: int, masks: dict, dense_below: int = 0) -> torch.Tensor:
         """Mean KL(dense || masked) over the label positions, per copy ``[copies]``."""
-        masked = self._log_probs(copies, masks)
+        masked = self._log_probs(copies, masks, dense_below)
         return (self.dense.exp() * (self.dense - masked)).sum(-1).mean(-1)
 
     def spread(self, keep: torch.Tensor) -> torch.Tensor:
@@ -168,6 +190,20 @@ class CalibrationRows:
         full = keep.new_ones(keep.shape[0], self.rows * self.seq, keep.shape[-1])
         full[:, self.selected] = keep
         return full.view(keep.shape[0], self.rows, self.seq, -1)
+
+
+def _replay(output, copies: int):
+    """A decoder layer's ``forward`` that returns its recorded dense ``output``, repeated for the copies
+    (whatever the layer returns: a tensor, or a tuple holding tensors)."""
+    def repeat(value):
+        if torch.is_tensor(value) and value.dim() > 0:
+            return value.repeat_interleave(copies, 0) if copies > 1 else value.clone()  # never the record itself
+        if isinstance(value, tuple):
+            return tuple(repeat(v) for v in value)
+        return value
+
+    repeated = repeat(output)
+    return lambda *args, **kwargs: repeated
 
 
 def _masking_hook(mask: torch.Tensor):
@@ -196,7 +232,7 @@ def loss_table(rows: CalibrationRows, layout: UnitLayout, heads: torch.Tensor, n
             levels = raised[start:start + per_pass]
             masks = {layout.head_inputs[layer]: rows.spread(keep_masks(heads[:, layer], levels)),
                      layout.neuron_inputs[layer]: rows.spread(keep_masks(neurons[:, layer], levels))}
-            losses += rows.kl(len(levels), masks).tolist()
+            losses += rows.kl(len(levels), masks, dense_below=layer).tolist()
         table.append(losses)
     return table
 
@@ -226,7 +262,7 @@ def calibrate_levels(model, tokenizer, template: str, samples, metrics: list[str
     dense = dense_generate_batch(model, prompts, [answer_length(tokenizer, s.reference, max_new_tokens)
                                                   for s in samples], stop_ids)
     labels = [torch.tensor(d.tokens) for d in dense]
-    rows = CalibrationRows(model, prompts, labels)
+    rows = CalibrationRows(model, layout, prompts, labels)
     scores = attribute_batch(model, prompts, labels, metrics=metrics)
     document = {"format": FORMAT, "layers": layout.num_layers, "heads": layout.num_heads,
                 "neurons": layout.num_neurons, "attention_share": layout.attention_share, "step": step,
@@ -283,24 +319,26 @@ class RunLevels:
     """A run's calibrated levels: read from ``--protocol.allocation_levels``, from the run directory
     (a resumed run), or searched on the calibration rows and saved there."""
 
-    def __init__(self, protocol, layout: UnitLayout, run_dir: Path):
-        self.protocol, self.layout, self.path = protocol, layout, Path(run_dir) / LEVELS_FILE
+    def __init__(self, protocol, layout: UnitLayout):
+        self.protocol, self.layout = protocol, layout
         self.metrics = protocol.calibrated_metrics()
         self.given = None
         if self.metrics and protocol.allocation_levels is not None:
             self.given = read_levels(protocol.allocation_levels)
             check_levels(self.given, layout, self.metrics, protocol.allocation_levels)
 
-    def tensors(self, model, tokenizer, template: str, calibration, stop_ids: list[int]) -> dict | None:
+    def tensors(self, model, tokenizer, template: str, calibration, stop_ids: list[int],
+                run_dir: Path) -> dict | None:
         """``{metric: [levels, layers]}``, or None when no score is calibrated; writes ``LEVELS_FILE``."""
         if not self.metrics:
             return None
         from pipeline.results.store import atomic_write_text
 
+        path = Path(run_dir) / LEVELS_FILE
         if self.given is not None:
             document = self.given
-        elif self.path.exists():
-            document = read_levels(self.path)
+        elif path.exists():
+            document = read_levels(path)
         else:
             import time
 
@@ -309,11 +347,11 @@ class RunLevels:
                                         self.protocol.max_new_tokens, stop_ids, self.protocol.calibration_step)
             print(f"calibrated per-layer levels of {', '.join(self.metrics)} on {len(calibration)} rows "
                   f"in {time.time() - started:.1f} s")
-        if not self.path.exists():
-            atomic_write_text(self.path, json.dumps(document, indent=1) + "\n")
+        if not path.exists():
+            atomic_write_text(path, json.dumps(document, indent=1) + "\n")
         return {m: layer_levels(document, m, self.layout, self.protocol.levels) for m in self.metrics}
 
 
-def levels_for_run(protocol, layout: UnitLayout, run_dir: Path) -> RunLevels:
+def levels_for_run(protocol, layout: UnitLayout) -> RunLevels:
     """Checks a given levels file against the model now, before the run writes anything."""
-    return RunLevels(protocol, layout, run_dir)
+    return RunLevels(protocol, layout)

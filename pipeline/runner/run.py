@@ -96,6 +96,10 @@ def evaluate(
     loaded = load_model(model)
     layout = layout_for(loaded.model)  # unsupported architectures fail here, before any file is written
     template = resolve_template(model.template, loaded.tokenizer)
+    # what the static thresholds and the calibrated allocation read, checked before anything is written
+    calibration = calibration_samples(data, protocol.calibration_samples, "the static metric or calibrated allocation"
+                                      ) if protocol.needs_calibration_rows() else None
+    levels = levels_for_run(protocol, layout)  # a given levels file must fit the model
 
     numbers_affecting = {
         "model": loaded.name, "weights": loaded.weights_id, "dtype": model.dtype, "template": template,
@@ -111,10 +115,6 @@ def evaluate(
     default_name = f"{Path(model.name).name}__{dataset_name(data)}__{info['fingerprint'][:8]}"
     run_dir = Path(run.output_dir) if run.output_dir else Path("runs") / default_name
     check_run_dir(run_dir, info)
-    # what the static thresholds and the calibrated allocation read, checked before anything is written
-    calibration = calibration_samples(data, protocol.calibration_samples, "the static metric or calibrated allocation"
-                                      ) if protocol.needs_calibration_rows() else None
-    levels = levels_for_run(protocol, layout, run_dir)
 
     rows_per_sample = len(protocol.variants()) * len(protocol.levels)
     done = completed_samples(run_dir, rows_per_sample) if run_dir.exists() else set()
@@ -129,7 +129,7 @@ def evaluate(
         if any(SCORES[m].thresholds for m in protocol.metrics):
             thresholds = calibrate(loaded.model, loaded.tokenizer, template, calibration, protocol.levels,
                                    protocol.max_new_tokens, stop_ids)
-        layer_levels = levels.tensors(loaded.model, loaded.tokenizer, template, calibration, stop_ids)
+        layer_levels = levels.tensors(loaded.model, loaded.tokenizer, template, calibration, stop_ids, run_dir)
         module = SparseActivationModule(loaded.model, loaded.tokenizer, template, protocol, task, stop_ids, thresholds,
                                         layer_levels)
         preemption = PreemptionCallback()
