@@ -103,46 +103,94 @@ def levels_for(moves: list[tuple[int, int]], layers: int, grid: list[float], gai
 
 
 class CalibrationRows:
-    """Calibration rows packed once: the dense prompt cache, the dense next-token log-probs,
-    and the dense output of every layer.
+    """Calibration rows prepared once for many masked passes.
 
     Masks apply at the positions that predict the labels, each with its own token's
     mask; the prompt before them stays dense (SPEC section 6), so it runs once and every
-    masked pass starts from a copy of its cache. A pass that masks layer ``l`` only leaves
-    layers before ``l`` dense: they return their recorded dense output instead of
-    computing it (about half the passes' work, averaged over ``l``).
+    masked pass starts from a copy of its cache. Rows of similar answer length share a
+    padded batch (``_Group``): a batch is as long as its longest answer, and one long
+    answer would make every short one pay for its length.
     """
+
+    WASTE = 1.25  # a group's padded label positions may exceed its real ones by this factor
 
     def __init__(self, model, layout: UnitLayout, prompts: list[torch.Tensor], labels: list[torch.Tensor]):
         from pipeline.models.adapters import ADAPTERS
+
+        layers = list(model.get_submodule(ADAPTERS[layout.model_type].layers))
+        starts = [0]
+        for y in labels:
+            starts.append(starts[-1] + len(y))
+        self.tokens = starts[-1]  # N: label positions over all rows, sample by sample
+        self.groups = []
+        for members in _similar_lengths([len(y) for y in labels], self.WASTE):
+            index = torch.cat([torch.arange(starts[i], starts[i + 1]) for i in members])
+            self.groups.append(_Group(model, layers, [prompts[i] for i in members], [labels[i] for i in members], index))
+
+    def kl(self, keeps: dict, dense_below: int = 0) -> torch.Tensor:
+        """Mean KL(dense || masked) over all label positions, per copy ``[copies]``.
+
+        ``keeps`` ``{module: [copies, N, units]}``: per-token keep masks at that hook point.
+        """
+        total = sum(group.kl_sum({m: keep[:, group.index.to(keep.device)] for m, keep in keeps.items()}, dense_below)
+                    for group in self.groups)
+        return total / self.tokens
+
+    def copies_per_pass(self) -> int:
+        """Copies of the widest group that fit ``LOGIT_BUDGET`` logits."""
+        vocab = self.groups[0].vocab
+        return max(1, LOGIT_BUDGET // max(g.rows * g.seq * vocab for g in self.groups))
+
+
+def _similar_lengths(lengths: list[int], waste: float) -> list[list[int]]:
+    """Row indices grouped by length (shortest first) so that ``rows x longest <= waste x sum``."""
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    groups, current = [], []
+    for i in order:
+        candidate = current + [i]
+        if current and len(candidate) * lengths[i] > waste * sum(lengths[j] for j in candidate):
+            groups.append(current)
+            candidate = [i]
+        current = candidate
+    return groups + ([current] if current else [])
+
+
+class _Group:
+    """Rows in one left-padded batch: the dense prompt cache, the dense next-token log-probs,
+    and the dense output of every layer.
+
+    A pass that masks layer ``l`` only leaves layers before ``l`` dense: they return their
+    recorded dense output instead of computing it (about half the work, averaged over ``l``).
+    """
+
+    def __init__(self, model, layers, prompts: list[torch.Tensor], labels: list[torch.Tensor], index: torch.Tensor):
         from pipeline.scores.attribution import pack
 
-        self.model = model
-        self.layers = list(model.get_submodule(ADAPTERS[layout.model_type].layers))
+        self.model, self.layers, self.index = model, layers, index  # index: this group's rows of the N positions
         device = next(model.parameters()).device
         packed = pack(prompts, labels, "left", device)
-        cut = packed.input_ids.shape[1] - int(packed.positions.shape[1])
         self.cache = None
-        if cut > 0:
+        if packed.input_ids.shape[1] > packed.positions.shape[1]:
             prefix, packed = packed.split()
             self.cache = DynamicCache(config=model.config)
             with torch.no_grad():
                 model(**prefix, **with_cache(model, self.cache))
         self.packed = packed
-        self.selected = packed.selected()  # [N] flat [rows * seq] indices of the label positions
-        self.outputs = [None] * len(self.layers)
+        self.selected = packed.selected()  # flat [rows * seq] indices of the label positions
+        self.outputs = [None] * len(layers)
 
         def record(index):
             def hook(module, args, output):
                 self.outputs[index] = output
             return hook
 
-        handles = [layer.register_forward_hook(record(i)) for i, layer in enumerate(self.layers)]
+        handles = [layer.register_forward_hook(record(i)) for i, layer in enumerate(layers)]
         try:
-            self.dense = self._log_probs(1, {})[0]  # [N, vocab]
+            self.dense = self._log_probs(1, {})[0]  # [positions, vocab]
         finally:
             for handle in handles:
                 handle.remove()
+        self.vocab = self.dense.shape[-1]
 
     @property
     def rows(self) -> int:
@@ -154,8 +202,8 @@ class CalibrationRows:
 
     @torch.no_grad()
     def _log_probs(self, copies: int, masks: dict, dense_below: int = 0) -> torch.Tensor:
-        """Log-probs ``[copies, N, vocab]``; ``masks`` ``{module: [copies, rows, seq, units]}`` multiply
-        the units at every position (copy ``c`` of row ``b`` is batch row ``b * copies + c``);
+        """Log-probs ``[copies, positions, vocab]``; ``masks`` ``{module: [copies, rows, seq, units]}``
+        multiply the units at every position (copy ``c`` of row ``b`` is batch row ``b * copies + c``);
         layers below ``dense_below`` return their recorded dense output."""
         inputs = {k: v.repeat_interleave(copies, 0) if torch.is_tensor(v) else v
                   for k, v in self.packed.model_inputs().items()}
@@ -179,16 +227,19 @@ class CalibrationRows:
         picked = logits[:, self.selected]
         return F.log_softmax(picked.to(torch.promote_types(picked.dtype, torch.float32)), dim=-1)
 
-    def kl(self, copies: int, masks: dict, dense_below: int = 0) -> torch.Tensor:
-        """Mean KL(dense || masked) over the label positions, per copy ``[copies]``."""
+    def kl_sum(self, keeps: dict, dense_below: int) -> torch.Tensor:
+        """Summed KL(dense || masked) over this group's label positions, per copy ``[copies]``;
+        ``keeps`` ``{module: [copies, positions, units]}``."""
+        masks = {module: self._spread(keep) for module, keep in keeps.items()}
+        copies = next(iter(keeps.values())).shape[0]
         masked = self._log_probs(copies, masks, dense_below)
-        return (self.dense.exp() * (self.dense - masked)).sum(-1).mean(-1)
+        return (self.dense.exp() * (self.dense - masked)).sum(-1).sum(-1)
 
-    def spread(self, keep: torch.Tensor) -> torch.Tensor:
-        """Per-token keep masks ``[copies, N, units]`` -> per-position ``[copies, rows, seq, units]``
+    def _spread(self, keep: torch.Tensor) -> torch.Tensor:
+        """Per-token keep masks ``[copies, positions, units]`` -> per-position ``[copies, rows, seq, units]``
         (positions that predict no label keep everything)."""
         full = keep.new_ones(keep.shape[0], self.rows * self.seq, keep.shape[-1])
-        full[:, self.selected] = keep
+        full[:, self.selected.to(keep.device)] = keep.to(full.device)
         return full.view(keep.shape[0], self.rows, self.seq, -1)
 
 
@@ -222,17 +273,16 @@ def loss_table(rows: CalibrationRows, layout: UnitLayout, heads: torch.Tensor, n
     ``heads`` ``[N, layers, heads]`` and ``neurons`` ``[N, layers, neurons]`` are the score at each
     label position. The levels of one layer are batched, up to ``LOGIT_BUDGET`` logits per pass.
     """
-    vocab = rows.dense.shape[-1]
-    per_pass = max(1, LOGIT_BUDGET // (rows.rows * rows.seq * vocab))
+    per_pass = rows.copies_per_pass()
     table = []
     for layer in range(layout.num_layers):
         losses = [0.0]
         raised = grid[1:]
         for start in range(0, len(raised), per_pass):
             levels = raised[start:start + per_pass]
-            masks = {layout.head_inputs[layer]: rows.spread(keep_masks(heads[:, layer], levels)),
-                     layout.neuron_inputs[layer]: rows.spread(keep_masks(neurons[:, layer], levels))}
-            losses += rows.kl(len(levels), masks, dense_below=layer).tolist()
+            keeps = {layout.head_inputs[layer]: keep_masks(heads[:, layer], levels),
+                     layout.neuron_inputs[layer]: keep_masks(neurons[:, layer], levels)}
+            losses += rows.kl(keeps, dense_below=layer).tolist()
         table.append(losses)
     return table
 
