@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 from pipeline.errors import UserError
 from pipeline.measures.task import TASK_MEASURES
 from pipeline.masking.allocation import ALLOCATIONS, NORMALIZATIONS
-from pipeline.scores.metrics import DEFAULT_METRICS, METRICS, SCORES, describe
+from pipeline.scores.metrics import DEFAULT_METRICS, SCORES, describe
 
 
 @dataclass
@@ -140,9 +140,9 @@ class ProtocolConfig:
         return values
 
     def validate(self) -> None:
-        unknown = [m for m in self.metrics if m not in METRICS]
+        unknown = [m for m in self.metrics if m not in SCORES]
         if unknown:
-            raise UserError(f"unknown metric(s) {', '.join(unknown)}; choose from {', '.join(METRICS)}")
+            raise UserError(f"unknown metric(s) {', '.join(unknown)}; choose from {', '.join(SCORES)}")
         if not self.metrics:
             raise UserError("no metrics given")
         bad = [p for p in self.levels if not 0.0 <= p < 1.0]

@@ -372,3 +372,22 @@ root: {tmp_path / "runs"}
     write_report([str(tmp_path / "runs")], str(tmp_path / "report"), "cor_gxo/global/rank", 0.5)
     markdown = (tmp_path / "report" / "report.md").read_text()
     assert "| cor_gxo/global/rank |" in markdown and "| magnitude/global/rank (label-free) |" in markdown
+
+
+def test_a_new_score_is_one_row(monkeypatch):
+    """A row added to the table is computed by the engine and accepted by the config, allocations included."""
+    from pipeline.config import ProtocolConfig
+    from pipeline.scores.attribution import attribute
+    from pipeline.scores.metrics import EVERY_ALLOCATION, Score
+
+    monkeypatch.setitem(SCORES, "cubed", Score("cubed", "magnitude cubed", lambda t: t.x.norm(dim=-1) ** 3,
+                                               lambda t: t.abs_x ** 3, gradient=None, needs_labels=False,
+                                               allocations=EVERY_ALLOCATION))
+    model = tiny_model("llama")
+    scores = attribute(model, torch.tensor([3, 17, 42]), torch.tensor([12, 77]), metrics=["cubed", "magnitude"])
+    torch.testing.assert_close(scores["cubed"].neurons, scores["magnitude"].neurons ** 3)
+    torch.testing.assert_close(scores["cubed"].heads, scores["magnitude"].heads ** 3)
+    protocol = ProtocolConfig(metrics=["cubed", "cor_gxo"], allocation=["global", "calibrated"])
+    protocol.validate()
+    assert protocol.variants() == [("cubed", "global", "mean"), ("cubed", "calibrated", None),
+                                   ("cor_gxo", "global", "mean")]

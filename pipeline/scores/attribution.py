@@ -23,7 +23,7 @@ from pipeline.masking.hooks import HEADS, NEURONS, Probe, hooks_for
 from pipeline.scores.exact_attention import exact_attention, forget_recorded
 from pipeline.models.adapters import output_weights
 from pipeline.models.inputs import forward_arguments, pad, position_ids, with_cache
-from pipeline.scores.metrics import DEFAULT_METRICS, METRICS, SCORES, Terms, neuron_score_set
+from pipeline.scores.metrics import DEFAULT_METRICS, SCORES, Terms, neuron_score_set
 
 IGNORE = -100
 SPLIT_PREFIX_ON = {"cpu"}  # device types where the prompt prefix runs without autograd (see below)
@@ -221,9 +221,9 @@ def attribute_batch(
     padding_side: str = "left",
 ) -> list[dict[str, UnitScores]]:
     """``attribute`` for several samples in one pass; returns one result per sample."""
-    unknown = [m for m in metrics if m not in METRICS]
+    unknown = [m for m in metrics if m not in SCORES]
     if unknown:
-        raise ValueError(f"unknown metric(s) {unknown}; choose from {list(METRICS)}")
+        raise ValueError(f"unknown metric(s) {unknown}; choose from {list(SCORES)}")
     if ig_steps < 1:
         raise ValueError("ig_steps must be >= 1")
     hooks = hooks_for(model)
