@@ -26,6 +26,11 @@ class SparseActivationModule(L.LightningModule):
         # near the end of a resumed run a rank may have no block left
         self.allow_zero_length_dataloader_with_multiple_devices = True
 
+    def on_predict_start(self) -> None:
+        # Every rank calibrated on its own before the trainer existed; float kernels of different
+        # devices may order near-equal values differently, so all ranks take rank 0's.
+        self.thresholds, self.layer_levels = self.trainer.strategy.broadcast((self.thresholds, self.layer_levels), src=0)
+
     def predict_step(self, batch: Block, batch_idx: int):
         # Records leave through the RecordWriter callback, not through a returned list
         # that Lightning would accumulate (trainer.predict runs with return_predictions=False).
