@@ -319,7 +319,7 @@ def test_calibrated_levels_round_trip(tiny_dir, tmp_path, monkeypatch):
     def no_search(*args, **kwargs):
         raise AssertionError("levels were given: nothing to calibrate")
 
-    monkeypatch.setattr(calibration, "calibrate_levels", no_search)
+    monkeypatch.setattr(calibration, "calibrate_levels", no_search)  # levels_file calls it through the module
     again = _run(tiny_dir, tmp_path / "again", "--protocol.metrics", "[magnitude, wina]",
                  "--protocol.allocation", "calibrated", "--protocol.calibration_step", "0.25",
                  "--protocol.allocation_levels", str(saved), "--data.start", "30", "--data.limit", "3")

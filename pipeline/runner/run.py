@@ -19,7 +19,7 @@ from pipeline.data.datamodule import SampleDataModule
 from pipeline.data.sources import dataset_name, load_samples
 from pipeline.errors import UserError
 from pipeline.models.adapters import layout_for
-from pipeline.masking.calibration import levels_for_run
+from pipeline.masking.levels_file import levels_for_run
 from pipeline.masking.static import calibrate
 from pipeline.models.loading import load_model
 from pipeline.models.prompts import resolve_template, stop_token_ids
