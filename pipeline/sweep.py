@@ -62,15 +62,15 @@ def run_sweep(models: list[ModelConfig], datasets: list[DataConfig], protocol: P
     for model in models:
         for data in datasets:
             validate(model, data, protocol, run)
-    if protocol.needs_calibration_rows():  # every cell's calibration rows exist before the first cell runs
-        for data in datasets:
-            calibration_samples(data, protocol.calibration_samples, "the static metric or calibrated allocation")
     grid = cells(models, datasets, protocol, run, root_dir)
     if slurm:
         listing = write_slurm_cells(grid, protocol, root_dir)
         print(f"{len(grid)} cells written; submit with:\n"
               f"  sbatch --array=0-{len(grid) - 1} slurm/array.sbatch {listing}")
         return
+    if protocol.needs_calibration_rows():  # every cell's calibration rows exist before the first cell runs
+        for data in datasets:
+            calibration_samples(data, protocol.calibration_samples, "the static metric or calibrated allocation")
     for name, model, data, cell_run in tqdm(grid, desc="sweep", unit="cell", position=0):
         print(f"\n== {name}")
         evaluate(model, data, protocol, cell_run)

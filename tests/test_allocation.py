@@ -391,3 +391,16 @@ def test_a_new_score_is_one_row(monkeypatch):
     protocol.validate()
     assert protocol.variants() == [("cubed", "global", "mean"), ("cubed", "calibrated", None),
                                    ("cor_gxo", "global", "mean")]
+
+
+def test_sweep_refuses_a_cell_without_calibration_rows_before_running_any(tiny_dir, tmp_path, capsys):
+    config = tmp_path / "sweep.yaml"
+    config.write_text(f"""models: [{{name: {tiny_dir}}}]
+datasets: [{{limit: 2}}, {{start: 30, limit: 3}}]
+protocol: {{metrics: [magnitude], allocation: calibrated}}
+root: {tmp_path / "runs"}
+""")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["sweep", "--config", str(config)])
+    assert exit_info.value.code == 2 and not (tmp_path / "runs").exists()
+    assert "calibrates on the 16 rows after the evaluated ones, but only 1 remain" in capsys.readouterr().err
