@@ -5,16 +5,20 @@ Library entry points:
 * ``attribute(model, prompt_ids, label_ids, metrics)``: per-token scores of every
   attention head ``[tokens, layers, heads]`` and MLP neuron ``[tokens, layers, neurons]``.
 * ``keep_masks(importance, levels)``: switch off the lowest ``floor(p * n)`` units per layer.
+* ``allocate(allocation, importance, levels, normalize)``: the same under another
+  allocation (``global``: all layers ranked together; ``calibrated``: per-layer levels).
+* ``SCORES``: the score table, one row per score.
 * ``masked_generate(model, prompt_ids, head_keep, neuron_keep, eos_token_ids)``:
   greedy decoding with per-step masks.
 * ``evaluate(...)``: a whole run, as ``sparseact run`` does it.
 """
 
+from pipeline.masking.allocation import allocate
 from pipeline.masking.generation import masked_generate
 from pipeline.masking.masks import achieved_sparsity, keep_masks
 from pipeline.models.adapters import ADAPTERS, layout_for
 from pipeline.scores.attribution import UnitScores, attribute
-from pipeline.scores.metrics import DEFAULT_METRICS, METRICS
+from pipeline.scores.metrics import DEFAULT_METRICS, METRICS, SCORES
 
 
 def load_scores(run_dir, sample_id):
@@ -32,6 +36,7 @@ def evaluate(*args, **kwargs):
 
 
 __all__ = [
-    "ADAPTERS", "DEFAULT_METRICS", "METRICS", "UnitScores", "achieved_sparsity", "attribute", "evaluate",
+    "ADAPTERS", "DEFAULT_METRICS", "METRICS", "SCORES", "UnitScores", "achieved_sparsity", "allocate", "attribute",
+    "evaluate",
     "keep_masks", "layout_for", "load_scores", "masked_generate",
 ]

@@ -7,11 +7,12 @@ clear error line before anything is loaded or written.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 from pipeline.errors import UserError
 from pipeline.measures.task import TASK_MEASURES
-from pipeline.scores.metrics import DEFAULT_METRICS, METRICS
+from pipeline.masking.allocation import ALLOCATIONS, NORMALIZATIONS
+from pipeline.scores.metrics import DEFAULT_METRICS, SCORES, describe
 
 
 @dataclass
@@ -62,11 +63,10 @@ class ProtocolConfig:
     """The evaluation protocol of docs/protocol.md §3-§6."""
 
     metrics: list[str] = field(default_factory=lambda: list(DEFAULT_METRICS))
-    """Scores to evaluate: magnitude, gradient, gxo, snip, ig, cor_gxo (ig costs 2 x layers extra passes),
-    and the label-free wina (weight-informed magnitude) and static (magnitude against per-layer
-    thresholds calibrated on other rows, TEAL-style)."""
     levels: list[float] = field(default_factory=lambda: [round(0.1 * i, 1) for i in range(10)])
     """Sparsity levels p in [0, 1)."""
+    allocation: str | list[str] = "per_layer"
+    normalize: str | list[str] = "mean"
     ig_steps: int = 20
     """Integrated-gradient steps."""
     max_new_tokens: int = 64
@@ -74,16 +74,75 @@ class ProtocolConfig:
     dense_first_step: bool = False
     """Leave decoding step 0 dense, as the authors' scripts did."""
     calibration_samples: int = 16
-    """static metric only: calibrate its thresholds on this many rows that follow the
+    """static metric and calibrated allocation: calibrate on this many rows that follow the
     evaluated slice of the dataset (never on evaluated samples)."""
+    calibration_step: float = 0.1
+    """calibrated allocation: per-layer levels are multiples of this step; the greedy search
+    measures layers x (1/step - 1) masked passes over the calibration rows."""
+    allocation_levels: str | None = None
+    """calibrated allocation: reuse the allocation_levels.json of an earlier run instead of
+    calibrating (its content, not its path, enters the fingerprint)."""
     save_scores: bool = False
     """Also save every sample's per-token scores (each metric, heads and neurons) as
     safetensors under scores/ in the run directory (load with pipeline.load_scores)."""
 
+    @property
+    def allocations(self) -> list[str]:
+        listed = [self.allocation] if isinstance(self.allocation, str) else list(self.allocation)
+        return list(dict.fromkeys(listed))
+
+    @property
+    def normalizations(self) -> list[str]:
+        listed = [self.normalize] if isinstance(self.normalize, str) else list(self.normalize)
+        return list(dict.fromkeys(listed))
+
+    def variants(self) -> list[tuple[str, str, str | None]]:
+        """The (metric, allocation, normalisation) of every record row, in record order: each
+        metric with each requested allocation its score supports (``global`` once per normalisation)."""
+        rows = []
+        for metric in self.metrics:
+            for allocation in self.allocations:
+                if allocation not in SCORES[metric].allocations:
+                    continue
+                for normalize in (self.normalizations if allocation == "global" else [None]):
+                    rows.append((metric, allocation, normalize))
+        return rows
+
+    def calibrated_metrics(self) -> list[str]:
+        return list(dict.fromkeys(m for m, a, _ in self.variants() if a == "calibrated"))
+
+    def needs_calibration_rows(self) -> bool:
+        """static thresholds, or calibrated levels not read from a file."""
+        return (any(SCORES[m].thresholds for m in self.metrics)
+                or (bool(self.calibrated_metrics()) and self.allocation_levels is None))
+
+    def numbers_affecting(self) -> dict:
+        """The protocol as the fingerprint sees it.
+
+        Without a global or calibrated allocation the dict is the one of the code before
+        allocations existed, so the run directories it fingerprinted keep their names and
+        resume; otherwise it holds the allocations and what they read (the normalisations,
+        the step, the levels file's content).
+        """
+        values = {k: v for k, v in asdict(self).items() if k != "save_scores"}  # output only
+        for key in ("allocation", "normalize", "calibration_step", "allocation_levels"):
+            values.pop(key)
+        if self.allocations != ["per_layer"]:
+            values["allocation"] = self.allocations
+        if "global" in self.allocations:
+            values["normalize"] = self.normalizations
+        if "calibrated" in self.allocations:
+            values["calibration_step"] = self.calibration_step
+            if self.allocation_levels is not None:
+                from pipeline.masking.levels_file import file_digest
+
+                values["allocation_levels"] = file_digest(self.allocation_levels)
+        return values
+
     def validate(self) -> None:
-        unknown = [m for m in self.metrics if m not in METRICS]
+        unknown = [m for m in self.metrics if m not in SCORES]
         if unknown:
-            raise UserError(f"unknown metric(s) {', '.join(unknown)}; choose from {', '.join(METRICS)}")
+            raise UserError(f"unknown metric(s) {', '.join(unknown)}; choose from {', '.join(SCORES)}")
         if not self.metrics:
             raise UserError("no metrics given")
         for name, values in (("metric", self.metrics), ("level", self.levels)):
@@ -97,10 +156,49 @@ class ProtocolConfig:
             raise UserError("no sparsity levels given")
         if self.ig_steps < 1:
             raise UserError(f"ig_steps must be >= 1, got {self.ig_steps}")
-        if "static" in self.metrics and self.calibration_samples < 1:
-            raise UserError("the static metric needs calibration_samples >= 1")
         if self.max_new_tokens < 1:
             raise UserError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        self._validate_allocation()
+        if self.needs_calibration_rows() and self.calibration_samples < 1:
+            raise UserError("the static metric and the calibrated allocation need calibration_samples >= 1")
+
+    def _validate_allocation(self) -> None:
+        unknown = [a for a in self.allocations if a not in ALLOCATIONS]
+        if unknown or not self.allocations:
+            raise UserError(f"unknown allocation(s) {', '.join(unknown) or '(none given)'}; "
+                            f"choose from {', '.join(ALLOCATIONS)}")
+        unknown = [n for n in self.normalizations if n not in NORMALIZATIONS]
+        if unknown or not self.normalizations:
+            raise UserError(f"unknown normalisation(s) {', '.join(unknown) or '(none given)'}; "
+                            f"choose from {', '.join(NORMALIZATIONS)}")
+        for metric in self.metrics:
+            supported = SCORES[metric].allocations
+            if not set(self.allocations) & set(supported):
+                raise UserError(f"score {metric} does not support allocation {', '.join(self.allocations)} "
+                                f"(it supports {', '.join(supported)})")
+        for allocation in self.allocations:
+            if not any(allocation in SCORES[m].allocations for m in self.metrics):
+                able = [name for name, row in SCORES.items() if allocation in row.allocations]
+                raise UserError(f"allocation {allocation} applies to none of the metrics given "
+                                f"({', '.join(self.metrics)}); it supports {', '.join(able)}")
+        if "calibrated" in self.allocations:
+            if not 0 < self.calibration_step < 1:
+                raise UserError(f"calibration_step must be in (0, 1), got {self.calibration_step}")
+            if self.allocation_levels is not None:
+                from pipeline.masking.levels_file import read_levels
+
+                read_levels(self.allocation_levels)
+
+
+ProtocolConfig.__doc__ += f"""
+    Args:
+        metrics: Scores to evaluate. {describe()}.
+        allocation: How a level p becomes per-layer counts; one name or a list (one run, one
+            attribution pass, rows = scores x allocations x levels; a score is evaluated under
+            each listed allocation it supports). {'; '.join(f'{k}: {v}' for k, v in ALLOCATIONS.items())}.
+        normalize: global allocation only: how each layer's scores are made comparable before
+            ranking all layers together; one name or a list. {'; '.join(f'{k}: {v}' for k, v in NORMALIZATIONS.items())}.
+"""
 
 
 @dataclass

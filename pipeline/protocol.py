@@ -1,4 +1,4 @@
-"""One sample through the whole protocol: labels -> scores -> masks -> masked generation -> measures.
+"""One sample through the whole protocol: labels -> scores -> allocation -> masks -> masked generation -> measures.
 
 This is the body of the predict step, kept free of Lightning so it reads top to
 bottom and can be called directly.
@@ -13,12 +13,14 @@ import torch
 from pipeline.config import ProtocolConfig
 from pipeline.data.sources import Sample
 from pipeline.masking.generation import dense_generate_batch, masked_after_dense_batch
-from pipeline.masking.masks import achieved_sparsity, keep_masks
+from pipeline.masking.allocation import allocate
+from pipeline.masking.masks import achieved_sparsity
 from pipeline.masking.static import threshold_masks
 from pipeline.measures import bleu_vs_dense, task_score, token_agreement
 from pipeline.models.adapters import UnitLayout
 from pipeline.models.prompts import answer_length, prompt_ids
 from pipeline.scores.attribution import attribute_batch
+from pipeline.scores.metrics import SCORES
 
 
 @dataclass
@@ -39,10 +41,12 @@ def evaluate_batch(
     task: str,
     stop_ids: list[int],
     thresholds: dict | None = None,
+    layer_levels: dict | None = None,
 ) -> EvaluatedBatch:
-    """All (metric, level) records of a batch of samples (and their raw scores if configured).
+    """All (metric, allocation, level) records of a batch of samples (and their raw scores if configured).
 
-    ``thresholds`` are the calibrated per-layer magnitude thresholds of the ``static`` metric.
+    ``thresholds`` are the calibrated per-layer magnitude thresholds of the ``static`` metric;
+    ``layer_levels`` ``{metric: [levels, layers]}`` the calibrated allocation's per-layer levels.
 
     The dense runs decode together, attribution runs once for the whole batch, and the
     masked rows of all samples decode together. Every masked row continues from its
@@ -58,8 +62,8 @@ def evaluate_batch(
     # Scores [T, layers, units] per metric and sample.
     scores = _attribute_fitting(model, prompts, [torch.tensor(d.tokens) for d in dense], protocol)
 
-    # Keep masks [rows = metrics x levels, T, layers, units] per sample; every row decodes.
-    keeps = [_keep_masks(sample_scores, protocol, thresholds) for sample_scores in scores]
+    # Keep masks [rows = metrics x allocations x levels, T, layers, units] per sample; every row decodes.
+    keeps = [_keep_masks(sample_scores, protocol, thresholds, layer_levels) for sample_scores in scores]
     outputs = masked_after_dense_batch(model, dense, [h for h, _ in keeps], [n for _, n in keeps], stop_ids)
 
     records = []
@@ -86,17 +90,21 @@ def _rounded(values: torch.Tensor) -> list[float]:
     return [round(v, 4) for v in values.tolist()]
 
 
-def _keep(metric: str, importance: torch.Tensor, kind: str, levels, thresholds) -> torch.Tensor:
-    if metric == "static":
+def _keep(variant, importance: torch.Tensor, kind: str, levels, thresholds, layer_levels) -> torch.Tensor:
+    """Keep masks ``[levels, T, layers, units]`` of one (metric, allocation, normalisation) and unit kind."""
+    metric, allocation, normalize = variant
+    if SCORES[metric].thresholds:
         return threshold_masks(importance, thresholds[kind])
-    return keep_masks(importance, levels)
+    calibrated = layer_levels[metric] if allocation == "calibrated" else None
+    return allocate(allocation, importance, levels, normalize, calibrated)
 
 
-def _keep_masks(scores, protocol: ProtocolConfig, thresholds) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keep masks ``[metrics x levels, T, layers, units]`` of one sample, metric by metric."""
-    levels = protocol.levels
-    head_keep = torch.cat([_keep(m, scores[m].heads, "heads", levels, thresholds) for m in protocol.metrics])
-    neuron_keep = torch.cat([_keep(m, scores[m].neurons, "neurons", levels, thresholds) for m in protocol.metrics])
+def _keep_masks(scores, protocol: ProtocolConfig, thresholds, layer_levels=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keep masks ``[variants x levels, T, layers, units]`` of one sample, variant by variant."""
+    levels, variants = protocol.levels, protocol.variants()
+    head_keep = torch.cat([_keep(v, scores[v[0]].heads, "heads", levels, thresholds, layer_levels) for v in variants])
+    neuron_keep = torch.cat([_keep(v, scores[v[0]].neurons, "neurons", levels, thresholds, layer_levels)
+                             for v in variants])
     if protocol.dense_first_step:
         head_keep[:, 0] = True
         neuron_keep[:, 0] = True
@@ -110,8 +118,8 @@ def _records(tokenizer, layout, sample, dense, head_keep, neuron_keep, outputs, 
     dense_text = decode(dense)
     dense_task = task_score(task, dense_text, sample.reference)
     records = []
-    rows = [(m, p) for m in protocol.metrics for p in protocol.levels]
-    for row, ((metric, level), tokens) in enumerate(zip(rows, outputs)):
+    rows = [(v, p) for v in protocol.variants() for p in protocol.levels]
+    for row, (((metric, allocation, normalize), level), tokens) in enumerate(zip(rows, outputs)):
         text = decode(tokens)
         records.append({
             "sample_id": sample.id,
@@ -132,5 +140,8 @@ def _records(tokenizer, layout, sample, dense, head_keep, neuron_keep, outputs, 
             "dense_output": dense_text,
             "question": sample.question,
             "reference": sample.reference,
+            # last, so that the fields before are byte for byte those of runs before allocations existed
+            "allocation": allocation,
+            "normalize": normalize,
         })
     return records

@@ -1,5 +1,7 @@
 """Sweeps: every (model, dataset) cell of a grid as its own run directory under one root.
 
+The protocol is shared by every cell, so its lists (scores, allocations, normalisations,
+levels) are swept inside each cell, sharing one attribution pass per batch.
 Cells run one after another here (each resumes what a killed sweep left), or are
 written out as config files for a SLURM job array (``slurm/array.sbatch``).
 """
@@ -54,7 +56,7 @@ def run_sweep(models: list[ModelConfig], datasets: list[DataConfig], protocol: P
               root: str, slurm: bool) -> None:
     from tqdm import tqdm
 
-    from pipeline.runner.run import evaluate
+    from pipeline.runner.run import calibration_samples, evaluate
 
     root_dir = Path(root)
     for model in models:
@@ -66,6 +68,9 @@ def run_sweep(models: list[ModelConfig], datasets: list[DataConfig], protocol: P
         print(f"{len(grid)} cells written; submit with:\n"
               f"  sbatch --array=0-{len(grid) - 1} slurm/array.sbatch {listing}")
         return
+    if protocol.needs_calibration_rows():  # every cell's calibration rows exist before the first cell runs
+        for data in datasets:
+            calibration_samples(data, protocol.calibration_samples, "the static metric or calibrated allocation")
     for name, model, data, cell_run in tqdm(grid, desc="sweep", unit="cell", position=0):
         print(f"\n== {name}")
         evaluate(model, data, protocol, cell_run)

@@ -74,6 +74,20 @@ BAD_INPUTS = {
     "empty dataset": (["--data.dataset", "{empty}"], "is empty"),
     "unknown metric": (["--protocol.metrics", "[gxo, wizardry]"], "unknown metric(s) wizardry"),
     "changed config": (["--protocol.levels", "[0.0, 0.3]"], "different configuration"),
+    "allocation a score lacks": (["--protocol.allocation", "calibrated"],
+                                 "score cor_gxo does not support allocation calibrated (it supports per_layer, global)"),
+    "static ranked globally": (["--protocol.metrics", "[static]", "--protocol.allocation", "global"],
+                               "score static does not support allocation global"),
+    "unknown allocation": (["--protocol.allocation", "sideways"], "unknown allocation(s) sideways; choose from"),
+    "unknown normalisation": (["--protocol.allocation", "[per_layer, global]", "--protocol.normalize", "[mean, cubic]"],
+                              "unknown normalisation(s) cubic; choose from none, mean, l2, rank"),
+    "calibrated without rows": (["--protocol.metrics", "[magnitude]", "--protocol.allocation", "calibrated",
+                                 "--data.start", "30"], "calibrates on the 16 rows after the evaluated ones"),
+    "missing levels file": (["--protocol.metrics", "[magnitude]", "--protocol.allocation", "calibrated",
+                             "--protocol.allocation_levels", "/nonexistent/levels.json"],
+                            "allocation levels file not found: /nonexistent/levels.json"),
+    "levels file of another model": (["--protocol.metrics", "[magnitude]", "--protocol.allocation", "calibrated",
+                                      "--protocol.allocation_levels", "{levels}"], "holds levels for 30 layers"),
 }
 
 
@@ -90,13 +104,25 @@ def test_bad_input_gives_one_line_and_leaves_run_dir_alone(case, tiny_dir, tmp_p
     capsys.readouterr()
 
     extra, message = BAD_INPUTS[case]
-    extra = [e.format(bad=bad, empty=empty) for e in extra]
+    levels = tmp_path / "levels.json"
+    levels.write_text(json.dumps({"format": "sparseact-calibrated-levels/1", "layers": 30, "heads": 9, "neurons": 1536,
+                                  "scores": {"magnitude": {}}}))
+    extra = [e.format(bad=bad, empty=empty, levels=levels) for e in extra]
     with pytest.raises(SystemExit) as exit_info:
         main(_args(tiny_dir, out, *extra))
     err = capsys.readouterr().err.strip()
     assert exit_info.value.code != 0
     assert len(err.splitlines()) == 1 and message in err and "Traceback" not in err
     assert _snapshot(out) == before
+
+
+def test_calibrated_without_rows_writes_nothing(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "fresh"
+    with pytest.raises(SystemExit) as exit_info:
+        main(_args(tiny_dir, out, "--protocol.metrics", "[wina]", "--protocol.allocation", "[per_layer, calibrated]",
+                   "--data.limit", "30"))
+    assert exit_info.value.code == 2 and not out.exists()
+    assert "calibrates on the 16 rows after the evaluated ones, but only 4 remain" in capsys.readouterr().err
 
 
 def test_console_script_error_has_no_traceback(tmp_path):

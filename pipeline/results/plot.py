@@ -1,4 +1,4 @@
-"""Accuracy against activation ratio, one line per metric, as in the paper's figures."""
+"""Accuracy against activation ratio, one line per metric (and allocation), as in the paper's figures."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ def plot_curves(rows: list[dict], path: Path, title: str) -> None:
 
     lines: dict[str, list] = defaultdict(list)
     for row in rows:
-        lines[row["metric"]].append((1.0 - row["sparsity"], row["bleu"]))
+        lines[row.get("series", row["metric"])].append((1.0 - row["sparsity"], row["bleu"]))
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     for metric, points in sorted(lines.items()):
         xs, ys = zip(*sorted(points))

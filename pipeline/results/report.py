@@ -1,6 +1,7 @@
 """One report over many run directories: report.html (self-contained) and report.md.
 
-Per (model, dataset): BLEU against activation ratio, one line per score, with a
+Per (model, dataset): BLEU against activation ratio, one line per score (and
+allocation: ``cor_gxo/global/mean`` is cor_gxo ranked across layers), with a
 shaded 95% bootstrap interval over samples (label-free, deployable scores dashed
 next to the attribution oracles); a table of the highest achieved sparsity within 5%
 accuracy loss per score x model x dataset, with its bootstrap interval; a heatmap of
@@ -20,8 +21,8 @@ import numpy as np
 
 from pipeline.errors import UserError
 from pipeline.results.store import RUN_INFO, atomic_write_text, read_records
-from pipeline.results.summary import max_sparsity_within_loss
-from pipeline.scores.metrics import LABEL_FREE
+from pipeline.results.summary import max_sparsity_within_loss, record_series
+from pipeline.scores.metrics import SCORES
 
 BOOTSTRAP = 1000
 
@@ -40,8 +41,21 @@ def find_runs(paths: list[str]) -> list[Path]:
     return runs
 
 
+def label_free(series: str) -> bool:
+    """Whether a series' score is label-free (deployable), from the score table."""
+    row = SCORES.get(series.split("/")[0])
+    return row is not None and row.label_free
+
+
+def top_k_per_layer(series: str) -> bool:
+    """Whether a series keeps floor(p*n)/n of every layer by construction (per_layer top-k)."""
+    metric, *allocation = series.split("/")
+    return not allocation and metric in SCORES and not SCORES[metric].thresholds
+
+
 class RunData:
-    """A run's records as arrays: BLEU and sparsity per (metric, level) x sample."""
+    """A run's records as arrays: BLEU and sparsity per (series, level) x sample; a series is a
+    metric under one allocation (``summary.series_name``)."""
 
     def __init__(self, run_dir: Path):
         self.dir = run_dir
@@ -55,14 +69,14 @@ class RunData:
         self.dataset = self.info["dataset"]
         self.name = run_dir.name
         self.samples = sorted({r["sample_id"] for r in self.records})
-        self.metrics = sorted({r["metric"] for r in self.records})
+        self.metrics = sorted({record_series(r) for r in self.records})
         self.levels = sorted({r["level"] for r in self.records})
         index = {s: i for i, s in enumerate(self.samples)}
         shape = (len(self.metrics), len(self.levels), len(self.samples))
         self.bleu, self.sparsity = np.full(shape, np.nan), np.full(shape, np.nan)
         self.task, self.dense_task = np.full(shape, np.nan), np.full(shape, np.nan)
         for r in self.records:
-            key = (self.metrics.index(r["metric"]), self.levels.index(r["level"]), index[r["sample_id"]])
+            key = (self.metrics.index(record_series(r)), self.levels.index(r["level"]), index[r["sample_id"]])
             self.bleu[key], self.sparsity[key] = r["bleu"], r["sparsity"]
             if r.get("task_score") is not None:
                 self.task[key], self.dense_task[key] = r["task_score"], r["dense_task_score"]
@@ -112,7 +126,7 @@ class RunData:
         if metric not in self.metrics:
             return None
         nearest = min(self.levels, key=lambda p: abs(p - level))
-        rows = [r for r in self.records if r["metric"] == metric and r["level"] == nearest and "kept_heads" in r]
+        rows = [r for r in self.records if record_series(r) == metric and r["level"] == nearest and "kept_heads" in r]
         if not rows:
             return None
         return nearest, np.mean([r["kept_heads"] for r in rows], 0), np.mean([r["kept_neurons"] for r in rows], 0)
@@ -136,8 +150,8 @@ def curve_plot(run: RunData) -> bytes:
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for m, metric in enumerate(run.metrics):
         x, y, low, high = run.curve(m)
-        style = "--" if metric in LABEL_FREE else "-"
-        (line,) = ax.plot(x, y, style, marker="o", markersize=3, label=metric + (" (label-free)" if metric in LABEL_FREE else ""))
+        style = "--" if label_free(metric) else "-"
+        (line,) = ax.plot(x, y, style, marker="o", markersize=3, label=metric + (" (label-free)" if label_free(metric) else ""))
         ax.fill_between(x, low, high, color=line.get_color(), alpha=0.15, linewidth=0)
     ax.axhline(95, color="grey", linestyle=":", linewidth=1)
     ax.set(xlabel="activation ratio (1 - achieved sparsity)", ylabel="BLEU vs dense output", xlim=(0, 1.02),
@@ -159,11 +173,11 @@ def heatmap_plot(run: RunData, metric: str, level: float) -> tuple[bytes, str] |
         return None
     level, *kept = kept
     caption = f"Kept fraction per layer: {metric} at p = {level}."
-    # only static has per-layer thresholds; every other score switches off floor(p*n) units
-    # per layer, so its heatmap is flat and says nothing about the layers
-    if metric != "static":
+    # per_layer top-k switches off floor(p*n) units of every layer, so its heatmap is flat and
+    # says nothing about the layers; static thresholds, global and calibrated allocations differ per layer
+    if top_k_per_layer(metric):
         caption += (" Top-k scores keep floor(p·n)/n of every layer by construction (docs/protocol.md §5.1);"
-                    " use --heatmap_metric static for thresholds calibrated per layer.")
+                    " use --heatmap_metric static, or a global or calibrated series (e.g. cor_gxo/global/mean).")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 1.6))
@@ -214,7 +228,7 @@ def write_report(paths: list[str], output: str | None, heatmap_metric: str, heat
         for m, metric in enumerate(run.metrics):
             point, low, high = run.headline(m)
             # the run column tells apart runs of one model and dataset (another device, dtype or slice)
-            cells = [run.model, run.dataset, metric + (" (label-free)" if metric in LABEL_FREE else ""),
+            cells = [run.model, run.dataset, metric + (" (label-free)" if label_free(metric) else ""),
                      f"{point:.3f}", f"[{low:.3f}, {high:.3f}]", str(len(run.samples)), run.name]
             table_rows.append(f'<tr class="run-row" data-run="{html.escape(run.name)}">'
                               + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")

@@ -7,7 +7,7 @@
   configuration is refused before anything is written, naming the fields that differ.
   A ``run.json`` whose contents no longer match its fingerprint (edited by hand) is
   refused too.
-* ``records.jsonl`` gets one line per (sample, metric, level), appended, flushed and
+* ``records.jsonl`` gets one line per (sample, metric, allocation, level), appended, flushed and
   fsynced after every batch, so a killed run loses at most the batch in flight. A torn
   line is skipped on reading (and reported once), and a rerun skips samples already
   complete.
@@ -117,7 +117,7 @@ class Records:
 
 
 def load_records(run_dir: Path) -> Records:
-    """One record per (sample, metric, level).
+    """One record per (sample, metric, allocation, level).
 
     A torn (partially written) line is skipped and reported. A sample cut off mid-write
     and redone on resume appears twice on disk; the later copy wins, so nothing is
@@ -131,7 +131,7 @@ def load_records(run_dir: Path) -> Records:
         for number, line in enumerate(text.splitlines(), 1):
             try:
                 record = json.loads(line)
-                records[(record["sample_id"], record["metric"], record["level"])] = record
+                records[(record["sample_id"], *row_key(record))] = record
             except (ValueError, KeyError, TypeError):
                 unreadable.append(f"{path.name} line {number}")
     return Records(list(records.values()), unreadable)
@@ -141,11 +141,17 @@ def read_records(run_dir: Path) -> list[dict]:
     return load_records(run_dir).rows
 
 
+def row_key(record: dict) -> tuple:
+    """What tells a sample's records apart: metric, allocation, normalisation, level (records
+    written before allocations existed are per_layer)."""
+    return record["metric"], record.get("allocation", "per_layer"), record.get("normalize"), record["level"]
+
+
 def completed_samples(records: list[dict], rows_per_sample: int) -> set[str]:
     """Samples whose records are all present."""
     counts: dict[str, set] = {}
     for record in records:
-        counts.setdefault(record["sample_id"], set()).add((record["metric"], record["level"]))
+        counts.setdefault(record["sample_id"], set()).add(row_key(record))
     return {sample for sample, rows in counts.items() if len(rows) >= rows_per_sample}
 
 

@@ -1,4 +1,9 @@
-"""Aggregate records into the per-(metric, level) table and the headline figure (docs/protocol.md §8)."""
+"""Aggregate records into the per-(metric, allocation, level) table and the headline figure (docs/protocol.md §8).
+
+Rows of different allocations (and normalisations) of one metric are different
+curves: they are grouped apart and named apart (``series_name``), so a run that
+evaluates several allocations never averages them together.
+"""
 
 from __future__ import annotations
 
@@ -15,14 +20,27 @@ MEASURES = ("sparsity", "bleu", "token_agreement", "task_score")
 MAX_LOSS = 5.0
 
 
+def series_name(metric: str, allocation: str | None = "per_layer", normalize: str | None = None) -> str:
+    """``cor_gxo`` (per_layer, the paper's rule), ``cor_gxo/global/mean``, ``magnitude/calibrated``."""
+    if allocation in (None, "per_layer"):
+        return metric
+    return "/".join([metric, allocation] + ([normalize] if normalize else []))
+
+
+def record_series(record: dict) -> str:
+    return series_name(record["metric"], record.get("allocation"), record.get("normalize"))
+
+
 def summarize(records: list[dict]) -> list[dict]:
-    """Mean of each measure per (metric, level), with the sample count, sorted."""
+    """Mean of each measure per (metric, allocation, normalisation, level), with the sample count, sorted."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for record in records:
-        groups[(record["metric"], record["level"])].append(record)
+        allocation, normalize = record.get("allocation", "per_layer"), record.get("normalize")
+        groups[(record["metric"], allocation, normalize or "", record["level"])].append(record)
     rows = []
-    for (metric, level), items in sorted(groups.items()):
-        row = {"metric": metric, "level": level, "n": len(items)}
+    for (metric, allocation, normalize, level), items in sorted(groups.items()):
+        row = {"metric": metric, "allocation": allocation, "normalize": normalize or None, "level": level,
+               "n": len(items), "series": series_name(metric, allocation, normalize)}
         for measure in MEASURES:
             values = [r[measure] for r in items if r.get(measure) is not None]
             # fsum is exactly rounded, so the mean does not depend on record order (ranks, resumes)
@@ -52,16 +70,18 @@ def max_sparsity_within_loss(points: list[tuple[float, float]], max_loss: float 
 
 
 def headline(rows: list[dict]) -> dict[str, float]:
+    """Max sparsity within 5% loss per series (metric, or metric/allocation[/normalisation])."""
     by_metric: dict[str, list] = defaultdict(list)
     for row in rows:
-        by_metric[row["metric"]].append((row["sparsity"], row["accuracy_loss"]))
+        by_metric[row.get("series", row["metric"])].append((row["sparsity"], row["accuracy_loss"]))
     return {metric: max_sparsity_within_loss(points) for metric, points in by_metric.items()}
 
 
 def write_summary(run_dir: Path, rows: list[dict], info: dict, session: dict | None = None) -> dict[str, float]:
     best = headline(rows)
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=["metric", "level", "n", *MEASURES, "accuracy_loss"])
+    writer = csv.DictWriter(buffer, fieldnames=["metric", "allocation", "normalize", "level", "n", *MEASURES,
+                                                "accuracy_loss"], extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
     atomic_write_text(run_dir / "summary.csv", buffer.getvalue())
@@ -79,7 +99,8 @@ def write_summary(run_dir: Path, rows: list[dict], info: dict, session: dict | N
 
 def format_table(best: dict[str, float], rows: list[dict]) -> str:
     n = max((r["n"] for r in rows), default=0)
+    width = max([12] + [len(name) + 2 for name in best])
     lines = [f"max sparsity within {MAX_LOSS:g}% accuracy loss (BLEU vs dense, {n} samples)",
-             f"{'metric':<12}{'sparsity':>10}"]
-    lines += [f"{metric:<12}{value:>10.3f}" for metric, value in sorted(best.items(), key=lambda kv: -kv[1])]
+             f"{'metric':<{width}}{'sparsity':>10}"]
+    lines += [f"{metric:<{width}}{value:>10.3f}" for metric, value in sorted(best.items(), key=lambda kv: -kv[1])]
     return "\n".join(lines)

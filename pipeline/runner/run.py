@@ -20,6 +20,7 @@ from pipeline.data.datamodule import SampleDataModule
 from pipeline.data.sources import Sample, content_digest, dataset_name, load_samples
 from pipeline.errors import UserError
 from pipeline.models.adapters import layout_for
+from pipeline.masking.levels_file import levels_for_run
 from pipeline.masking.static import calibrate
 from pipeline.models.loading import LoadedModel, load_model
 from pipeline.models.prompts import answer_length, prompt_ids, resolve_template, stop_token_ids
@@ -31,9 +32,10 @@ from pipeline.runner.callbacks import MaskingCallback, RecordWriter
 from pipeline.runner.module import SparseActivationModule
 from pipeline.runner.lock import RunLock, process_rank
 from pipeline.runner.preemption import Interrupted, Preempted, PreemptionCallback, requeue_slurm_job
+from pipeline.scores.metrics import SCORES
 
 
-def calibration_samples(data: DataConfig, count: int):
+def calibration_samples(data: DataConfig, count: int, purpose: str = "the static metric"):
     """The rows right after the evaluated slice: calibration never sees evaluated samples."""
     evaluated, _ = load_samples(data)
     after = int(evaluated[-1].id.rsplit(":", 1)[1]) + 1
@@ -42,7 +44,7 @@ def calibration_samples(data: DataConfig, count: int):
     except UserError:
         samples = []
     if len(samples) < count:
-        raise UserError(f"the static metric calibrates on the {count} rows after the evaluated ones, but only "
+        raise UserError(f"{purpose} calibrates on the {count} rows after the evaluated ones, but only "
                         f"{len(samples)} remain; lower protocol.calibration_samples or data.limit")
     return samples
 
@@ -115,10 +117,13 @@ def evaluate(
     session_started = time.time()
     validate(model, data, protocol, run)
     samples, task = load_samples(data)
-    calibration = calibration_samples(data, protocol.calibration_samples) if "static" in protocol.metrics else []
     loaded = load_model(model)
-    layout_for(loaded.model)  # unsupported architectures fail here, before any file is written
+    layout = layout_for(loaded.model)  # unsupported architectures fail here, before any file is written
     template = resolve_template(model.template, loaded.tokenizer)
+    # what the static thresholds and the calibrated allocation read, checked before anything is written
+    calibration = calibration_samples(data, protocol.calibration_samples, "the static metric or calibrated allocation"
+                                      ) if protocol.needs_calibration_rows() else []
+    levels = levels_for_run(protocol, layout)  # a given levels file must fit the model
     check_context(loaded, template, samples + calibration, protocol)
     device = device_type(run)
     batch_size = run.batch_size or (16 if device == "cuda" else 4)
@@ -129,7 +134,7 @@ def evaluate(
         "data": {"dataset": dataset_name(data), "questions": len(samples), "content_sha256": content_digest(samples)},
         "calibration_sha256": content_digest(calibration) if calibration else None,
         "task": task,
-        "protocol": {k: v for k, v in asdict(protocol).items() if k != "save_scores"},  # save_scores: output only
+        "protocol": protocol.numbers_affecting(),
         # batch-mates share padded computations, and CPU and GPU kernels round differently
         "batch_size": batch_size, "device": device,
     }
@@ -148,7 +153,7 @@ def evaluate(
         raise UserError(f"cannot create output directory {run_dir}: {error.strerror or error}") from None
     rank = process_rank(run.devices)
     with RunLock(run_dir, rank):
-        job = Job(run_dir, info, rank, loaded, template, task, samples, calibration, batch_size)
+        job = Job(run_dir, info, rank, loaded, template, task, samples, calibration, batch_size, levels)
         return _evaluate_locked(job, model, data, protocol, run, session_started)
 
 
@@ -165,14 +170,15 @@ class Job:
     samples: list[Sample]
     calibration: list[Sample]  # rows after the evaluated slice (static metric), else empty
     batch_size: int
+    levels: object  # the calibrated allocation's levels (masking/levels_file.py)
 
 
 def _evaluate_locked(job: Job, model: ModelConfig, data: DataConfig, protocol: ProtocolConfig, run: RunConfig,
                      session_started: float) -> Path:
     run_dir, info, rank, loaded, samples = job.run_dir, job.info, job.rank, job.loaded, job.samples
-    template, task, calibration, batch_size = job.template, job.task, job.calibration, job.batch_size
+    template, task, calibration, batch_size, levels = job.template, job.task, job.calibration, job.batch_size, job.levels
     check_run_dir(run_dir, info)  # again: another run may have written it before we held the lock
-    rows_per_sample = len(protocol.metrics) * len(protocol.levels)
+    rows_per_sample = len(protocol.variants()) * len(protocol.levels)
     existing = load_records(run_dir)
     if existing.warning() and rank == 0:
         print(f"{run_dir}: {existing.warning()}")
@@ -200,10 +206,12 @@ def _evaluate_locked(job: Job, model: ModelConfig, data: DataConfig, protocol: P
         open_run_dir(run_dir, info)
         stop_ids = stop_token_ids(loaded.tokenizer, loaded.model)
         thresholds = None
-        if calibration:
+        if any(SCORES[m].thresholds for m in protocol.metrics):
             thresholds = calibrate(loaded.model, loaded.tokenizer, template, calibration, protocol.levels,
                                    protocol.max_new_tokens, stop_ids)
-        module = SparseActivationModule(loaded.model, loaded.tokenizer, template, protocol, task, stop_ids, thresholds)
+        layer_levels = levels.tensors(loaded.model, loaded.tokenizer, template, calibration, stop_ids, run_dir)
+        module = SparseActivationModule(loaded.model, loaded.tokenizer, template, protocol, task, stop_ids, thresholds,
+                                        layer_levels)
         started = time.time()
         try:
             trainer.predict(module, datamodule=SampleDataModule(samples, batch_size, done), return_predictions=False)

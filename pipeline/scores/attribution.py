@@ -23,15 +23,7 @@ from pipeline.masking.hooks import HEADS, NEURONS, Probe, hooks_for
 from pipeline.scores.exact_attention import exact_attention, forget_recorded
 from pipeline.models.adapters import output_weights
 from pipeline.models.inputs import forward_arguments, pad, position_ids, with_cache
-from pipeline.scores.metrics import (
-    DEFAULT_METRICS,
-    METRICS,
-    NEEDS_GRADIENT,
-    head_scores,
-    neuron_score_set,
-    wina_head_scores,
-    wina_neuron_scores,
-)
+from pipeline.scores.metrics import DEFAULT_METRICS, SCORES, Terms, neuron_score_set
 
 IGNORE = -100
 SPLIT_PREFIX_ON = {"cpu"}  # device types where the prompt prefix runs without autograd (see below)
@@ -235,9 +227,9 @@ def attribute_batch(
     differentiated, when they differ from the fed ``labels`` (lm-eval log-likelihood requests
     feed the given continuation but take the dense model's argmax as labels).
     """
-    unknown = [m for m in metrics if m not in METRICS]
+    unknown = [m for m in metrics if m not in SCORES]
     if unknown:
-        raise ValueError(f"unknown metric(s) {unknown}; choose from {list(METRICS)}")
+        raise ValueError(f"unknown metric(s) {unknown}; choose from {list(SCORES)}")
     if ig_steps < 1:
         raise ValueError("ig_steps must be >= 1")
     hooks = hooks_for(model)
@@ -248,10 +240,12 @@ def attribute_batch(
     if targets is not None:
         real = packed.labels != IGNORE
         packed.labels[real] = torch.cat([t.to(device) for t in targets])
+    rows = [SCORES[m] for m in metrics]
     try:
-        with_gradient = any(m in NEEDS_GRADIENT for m in metrics)
-        x, g = _outputs_and_gradients(model, hooks, packed, with_gradient, keep_context="ig" in metrics)
-        ig = _integrated_gradients(model, hooks, packed, ig_steps) if "ig" in metrics else None
+        with_gradient = any(row.needs_gradient for row in rows)
+        integrated = any(row.gradient == "integrated" for row in rows)
+        x, g = _outputs_and_gradients(model, hooks, packed, with_gradient, keep_context=integrated)
+        ig = _integrated_gradients(model, hooks, packed, ig_steps) if integrated else None
     finally:
         forget_recorded()
         if temporary:
@@ -260,17 +254,13 @@ def attribute_batch(
     layout = hooks.layout
     head_shape = (*x[HEADS].shape[:-1], layout.num_heads, layout.head_dim)
     x_heads = x[HEADS].view(head_shape)
-    shared = [m for m in metrics if m != "wina"]
-    neurons = neuron_score_set(shared, x[NEURONS], g and g[NEURONS], ig and ig[NEURONS])
+    head_weights, column_norms = output_weights(layout) if any(row.weights for row in rows) else (None, None)
+    neurons = neuron_score_set(metrics, x[NEURONS], g and g[NEURONS], ig and ig[NEURONS], column_norms)
     per_metric = {}
-    for metric in metrics:
-        if metric == "wina":
-            head_weights, column_norms = output_weights(layout)
-            per_metric[metric] = (wina_head_scores(x_heads, head_weights), wina_neuron_scores(x[NEURONS], column_norms))
-            continue
-        gradients = ig if metric == "ig" else g
+    for row in rows:
+        gradients = ig if row.gradient == "integrated" else g
         g_heads = gradients[HEADS].view(head_shape) if gradients is not None else None
-        per_metric[metric] = (head_scores(metric, x_heads, g_heads), neurons[metric])
+        per_metric[row.name] = (row.heads(Terms(x_heads, g_heads, head_weights)), neurons[row.name])
     # rows are sample by sample; split gives each sample's rows as views in one call per tensor
     per_sample = {m: (h.split(packed.lengths), n.split(packed.lengths)) for m, (h, n) in per_metric.items()}
     return [{m: UnitScores(heads=h[i], neurons=n[i]) for m, (h, n) in per_sample.items()}
@@ -290,7 +280,7 @@ def attribute(
         model: a Hugging Face causal LM whose architecture is in the adapter table.
         prompt_ids: 1-D tensor, the formatted prompt's token ids.
         label_ids: 1-D tensor, the dense model's greedy output y_0..y_{T-1}.
-        metrics: any of ``magnitude, gradient, gxo, snip, ig, cor_gxo``.
+        metrics: any names of the score table (``pipeline.scores.metrics.SCORES``).
         ig_steps: number of integrated-gradient steps (``ig`` only).
 
     Returns:

@@ -1,83 +1,109 @@
-"""The score formulas of docs/protocol.md §4.3, from unit outputs ``x`` and gradients ``g``.
+"""The score table: one row per score, read by the engine, config validation, the run and the report.
 
-Shapes: heads ``[..., heads, head_dim]``, neurons ``[..., neurons]``; the ``...`` are
-the leading token and layer dimensions. Higher score = more important = keep.
-For integrated gradients pass the step-averaged gradient as ``g``: the formula is
-then the same as ``gxo``.
+Every property that used to be a string comparison somewhere (which scores need a
+backward pass, which need integrated gradients, which are label-free and therefore
+deployable, which read the output projections, which mask by calibrated thresholds,
+which allocations they support, which are on by default) is a field of the row, so
+adding a score is one ``Score`` row plus its test. The formulas themselves are in
+``formulas.py``; the allocation names are those of ``masking/allocation.py``.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
+
 import torch
 
-METRICS = ("magnitude", "gradient", "gxo", "snip", "ig", "cor_gxo", "wina", "static")
-DEFAULT_METRICS = ("magnitude", "gradient", "gxo", "snip", "cor_gxo")
+from pipeline.scores import formulas as f
+from pipeline.scores.formulas import Terms, wina_head_scores, wina_neuron_scores  # noqa: F401  (re-exported)
+
+EVERY_ALLOCATION = ("per_layer", "global", "calibrated")
+# Calibrated levels are searched on calibration rows and then applied to other rows: a
+# score that needs the other rows' labels (their dense outputs) has nothing to apply them to.
+WITH_LABELS = ("per_layer", "global")
+
+
+@dataclass(frozen=True)
+class Score:
+    """One score: how to compute it and what it may be combined with."""
+
+    name: str
+    description: str  # one line, shown in ``--help``
+    heads: Callable[[Terms], torch.Tensor]  # Terms of x, g [..., heads, head_dim] -> [..., heads]
+    neurons: Callable[[Terms], torch.Tensor]  # Terms of x, g [..., neurons] -> [..., neurons]
+    gradient: str | None = "plain"  # None: forward only; "plain": dL_t/dx; "integrated": IG's step-averaged gradient
+    needs_labels: bool = True  # an attribution oracle (needs the dense output); False: label-free, deployable
+    allocations: tuple[str, ...] = WITH_LABELS
+    default: bool = False  # evaluated when --protocol.metrics is not given
+    weights: bool = False  # reads the output projections (Terms.weights)
+    thresholds: bool = False  # masks by per-layer thresholds calibrated on other rows instead of top-k
+
+    @property
+    def needs_gradient(self) -> bool:
+        return self.gradient is not None
+
+    @property
+    def label_free(self) -> bool:
+        return not self.needs_labels
+
+
+def _table(*rows: Score) -> dict[str, Score]:
+    return {row.name: row for row in rows}
+
+
+SCORES: dict[str, Score] = _table(
+    Score("magnitude", "|x_i|, ||x_h||: the unit's output size (label-free)", f.magnitude_heads,
+          f.magnitude_neurons, gradient=None, needs_labels=False, allocations=EVERY_ALLOCATION, default=True),
+    Score("gradient", "-g: the loss gradient alone", f.gradient_heads, f.gradient_neurons, default=True),
+    Score("gxo", "-g*x: gradient x output, first-order loss change of removing the unit", f.gxo_heads,
+          f.gxo_neurons, default=True),
+    Score("snip", "|g*x|", f.snip_heads, f.snip_neurons, default=True),
+    Score("ig", "integrated gradients from a zero baseline (ig_steps steps; 2 x layers extra passes)", f.gxo_heads,
+          f.gxo_neurons, gradient="integrated"),
+    Score("cor_gxo", "-g*x + |x|*||G_l||/2: the paper's corrected GxO", f.cor_gxo_heads, f.cor_gxo_neurons,
+          default=True),
+    Score("wina", "|x_i|*||W_down[:,i]||, ||W_o[:,h] x_h||: weight-informed magnitude (label-free)", f.wina_heads,
+          f.wina_neurons, gradient=None, needs_labels=False, allocations=EVERY_ALLOCATION, weights=True),
+    # Its own per-layer thresholds are its allocation: the count per token varies, so
+    # neither a global ranking nor calibrated top-k levels apply to it.
+    Score("static", "magnitude against per-layer thresholds calibrated on other rows, TEAL-style (label-free)",
+          f.magnitude_heads, f.magnitude_neurons, gradient=None, needs_labels=False, allocations=("per_layer",),
+          thresholds=True),
+)
+
+METRICS = tuple(SCORES)
+DEFAULT_METRICS = tuple(name for name, row in SCORES.items() if row.default)
 # Scores a deployed model can compute itself: no labels, no gradients.
-# ``static`` ranks by magnitude against thresholds calibrated ahead of time (masking/static.py).
-LABEL_FREE = frozenset({"magnitude", "wina", "static"})
-NEEDS_GRADIENT = frozenset(METRICS) - LABEL_FREE
+LABEL_FREE = frozenset(name for name, row in SCORES.items() if row.label_free)
+NEEDS_GRADIENT = frozenset(name for name, row in SCORES.items() if row.needs_gradient)
 
 
-def wina_head_scores(x: torch.Tensor, head_weights: torch.Tensor) -> torch.Tensor:
-    """WINA for heads: ``||W_o[:, head] x_h||_2``, what the head adds to the residual stream.
-
-    ``x`` ``[..., layers, heads, head_dim]``; ``head_weights`` ``[layers, hidden, heads, head_dim]``
-    (the output projection's columns grouped by head).
-    """
-    return torch.einsum("...lhd,lehd->...lhe", x, head_weights.to(x.dtype)).norm(dim=-1)
+def describe() -> str:
+    """The table as one help line per score."""
+    return "; ".join(f"{name}: {row.description}" + (" [default]" if row.default else "")
+                     for name, row in SCORES.items())
 
 
-def wina_neuron_scores(x: torch.Tensor, column_norms: torch.Tensor) -> torch.Tensor:
-    """WINA for neurons: ``|x_i| * ||W_down[:, i]||_2``; ``column_norms`` ``[layers, neurons]``."""
-    return x.abs() * column_norms.to(x.dtype)
+def _row(metric: str) -> Score:
+    if metric not in SCORES:
+        raise ValueError(f"unknown metric {metric!r}")
+    return SCORES[metric]
 
 
-def head_scores(metric: str, x: torch.Tensor, g: torch.Tensor | None) -> torch.Tensor:
-    if metric in ("magnitude", "static"):
-        return x.norm(dim=-1)
-    if metric == "gradient":
-        return -g.mean(-1)
-    gxo = (g * x).mean(-1)
-    if metric in ("gxo", "ig"):
-        return -gxo
-    if metric == "snip":
-        return gxo.abs()
-    if metric == "cor_gxo":
-        layer_gradient_norm = g.mean(-1).norm(dim=-1, keepdim=True)  # ||G_l|| over the layer's heads
-        return -gxo + 0.5 * x.norm(dim=-1) * layer_gradient_norm
-    raise ValueError(f"unknown metric {metric!r}")
+def head_scores(metric: str, x: torch.Tensor, g: torch.Tensor | None, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """``metric``'s head importances from ``x``, ``g`` ``[..., heads, head_dim]`` (wina: ``weights``)."""
+    return _row(metric).heads(Terms(x, g, weights))
 
 
-def neuron_scores(metric: str, x: torch.Tensor, g: torch.Tensor | None, terms: dict | None = None) -> torch.Tensor:
-    """``terms``: where ``|x|``, ``-g`` and ``-g * x`` are kept for other metrics of the same ``x`` and ``g``.
-
-    Neurons outnumber heads by far, so each term is a pass over every neuron of every
-    token and layer; metrics computed together share them (``magnitude``/``cor_gxo``,
-    ``gradient``/``gxo``, ``gxo``/``snip``/``cor_gxo``).
-    """
-    terms = {} if terms is None else terms
-
-    def term(name, make):
-        if name not in terms:
-            terms[name] = make()
-        return terms[name]
-
-    if metric in ("magnitude", "static"):
-        return term("abs_x", x.abs)
-    if metric == "gradient":
-        return term("neg_g", g.neg)
-    neg_gx = term("neg_gx", lambda: term("neg_g", g.neg) * x)
-    if metric in ("gxo", "ig"):
-        return neg_gx
-    if metric == "snip":
-        return neg_gx.abs()
-    if metric == "cor_gxo":
-        layer_gradient_norm = g.norm(dim=-1, keepdim=True)  # ||G_l|| over the layer's neurons
-        return torch.addcmul(neg_gx, term("abs_x", x.abs), layer_gradient_norm, value=0.5)
-    raise ValueError(f"unknown metric {metric!r}")
+def neuron_scores(metric: str, x: torch.Tensor, g: torch.Tensor | None, terms: dict | None = None,
+                  weights: torch.Tensor | None = None) -> torch.Tensor:
+    """``terms``: where ``|x|``, ``-g`` and ``-g * x`` are kept for other metrics of the same ``x`` and ``g``."""
+    return _row(metric).neurons(Terms(x, g, weights, terms))
 
 
-def neuron_score_set(metrics, x: torch.Tensor, g: torch.Tensor | None, g_ig: torch.Tensor | None = None) -> dict:
-    """``neuron_scores`` of several metrics at once, sharing their terms (``ig`` uses ``g_ig``)."""
-    terms, ig_terms = {}, {}
-    return {m: neuron_scores(m, x, g_ig, ig_terms) if m == "ig" else neuron_scores(m, x, g, terms) for m in metrics}
+def neuron_score_set(metrics, x: torch.Tensor, g: torch.Tensor | None, g_ig: torch.Tensor | None = None,
+                     weights: torch.Tensor | None = None) -> dict:
+    """``neuron_scores`` of several metrics at once, sharing their terms (integrated-gradient scores use ``g_ig``)."""
+    plain, integrated = Terms(x, g, weights), Terms(x, g_ig, weights)
+    return {m: _row(m).neurons(integrated if _row(m).gradient == "integrated" else plain) for m in metrics}
