@@ -205,6 +205,9 @@ def _evaluate_locked(job: Job, model: ModelConfig, data: DataConfig, protocol: P
             raise UserError(f"cannot run on the requested hardware: {str(error).splitlines()[0]}") from None
         open_run_dir(run_dir, info)
         stop_ids = stop_token_ids(loaded.tokenizer, loaded.model)
+        if trainer.accelerator.__class__.__name__ == "CUDAAccelerator":
+            # calibration runs before Lightning places the model: on this rank's GPU, not the CPU
+            loaded.model.to(torch.device("cuda", trainer.local_rank))
         thresholds = None
         if any(SCORES[m].thresholds for m in protocol.metrics):
             thresholds = calibrate(loaded.model, loaded.tokenizer, template, calibration, protocol.levels,
