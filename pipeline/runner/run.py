@@ -137,7 +137,7 @@ def evaluate(
             # Lightning's own SLURM requeue saves a training checkpoint; prediction needs none
             plugins=[SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else None,
         )
-        batch_size = run.batch_size or (16 if trainer.accelerator.__class__.__name__ == "CUDAAccelerator" else 4)
+        batch_size = run.batch_size or (64 if trainer.accelerator.__class__.__name__ == "CUDAAccelerator" else 4)
         started = time.time()
         try:
             trainer.predict(module, datamodule=SampleDataModule(samples, batch_size, done), return_predictions=False)
