@@ -20,7 +20,7 @@ phase that queued it.
         --data .bench_assets/TruthfulQA.csv --questions 256 --max-new-tokens 16 --dtype bfloat16
     ... --metrics ig            # the five default scores and IG
     ... --gpus 2                # Lightning DDP over two GPUs (each rank times its own phases)
-    ... --variants all -masked_groups -dense_graphs   # several runs in one process, levers switched off
+    ... --variants all off:masked_groups off:dense_graphs+overlap none   # several runs, levers switched off
 """
 
 from __future__ import annotations
@@ -255,7 +255,7 @@ def one_run(args, label: str, off: set[str], model_name: str, rate, gpus: int) -
     from pipeline.scores.metrics import DEFAULT_METRICS
 
     metrics = list(DEFAULT_METRICS) + [m for m in args.metrics if m not in DEFAULT_METRICS]
-    out = Path(args.workdir) / f"run_{label}_{gpus}gpu"
+    out = Path(args.workdir) / f"run_{label.replace(':', '_').replace('+', '_')}_{gpus}gpu"
     if out.exists() and int(os.environ.get("LOCAL_RANK", "0")) == 0:
         import shutil
 
@@ -281,6 +281,11 @@ def one_run(args, label: str, off: set[str], model_name: str, rate, gpus: int) -
     finally:
         timer.undo()
         restore_levers(previous)
+        import gc
+
+        gc.collect()  # the run's model and captured graphs, before the next variant loads its own
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
     end_of_prediction = timer.teardown_start or time.perf_counter()
     prediction = end_of_prediction - (timer.first_batch or start)
     samples = len(timer.shapes)
@@ -343,8 +348,8 @@ def main():
     parser.add_argument("--ig-steps", type=int, default=20)
     parser.add_argument("--gpus", type=int, default=1)
     parser.add_argument("--variants", nargs="*", default=["all"],
-                        help="runs in this process: 'all', or '-lever[-lever...]' to switch levers off "
-                             f"({', '.join(LEVERS)}), or 'none' (every lever off)")
+                        help="runs in this process: 'all' (every lever on), 'off:LEVER[+LEVER...]' "
+                             f"(levers {', '.join(LEVERS)}), or 'none' (every lever off)")
     parser.add_argument("--sync", action=argparse.BooleanOptionalAction, default=True,
                         help="synchronise CUDA at phase edges")
     parser.add_argument("--plot", action=argparse.BooleanOptionalAction, default=True)
@@ -363,7 +368,11 @@ def main():
     print(f"pipeline from {Path(protocol_module.__file__).parent}; imports {IMPORT_S:.1f} s")
     results, lines = [], []
     for variant in args.variants:
-        off = set(LEVERS) if variant == "none" else {v for v in variant.split("-") if v and v != "all"}
+        off = set(LEVERS) if variant == "none" else set(variant.split(":", 1)[1].split("+")) \
+            if variant.startswith("off:") else set()
+        unknown = off - set(LEVERS)
+        if unknown:
+            raise SystemExit(f"unknown lever(s) {sorted(unknown)}; choose from {', '.join(LEVERS)}")
         result = one_run(args, variant, off, model_name, rate, args.gpus)
         if int(os.environ.get("LOCAL_RANK", "0")) != 0:
             Path(args.workdir, f"phases_{variant}.rank{os.environ['LOCAL_RANK']}.json").write_text(json.dumps(result))

@@ -6,30 +6,54 @@ interpreter lock against the thread that feeds the GPU (every PyTorch call gives
 lock up and must win it back), so it runs in one worker process instead. The worker
 takes batches in order and appends each one's records to the shard before it takes
 the next, so records reach the disk in batch order, as without the worker.
+
+The worker is a plain ``python -c`` child fed pickled jobs on its standard input (not
+a multiprocessing pool: those re-import the caller's main module, which a script
+calling ``evaluate`` unguarded would run again).
 """
 
 from __future__ import annotations
 
-import multiprocessing
-from concurrent.futures import Future, ProcessPoolExecutor
+import os
+import pickle
+import subprocess
+import sys
 from pathlib import Path
 
-_STATE: dict = {}
+_BOOT = ("import sys, os; sys.path[:0] = [p for p in os.environ['SPARSEACT_HOST_PATH'].split(os.pathsep) if p]; "
+         "from pipeline.runner.host import serve; serve()")
 
 
-def _start(tokenizer, protocol, task) -> None:
+def _read(stream):
+    header = stream.read(8)
+    if len(header) < 8:
+        return None
+    return pickle.loads(stream.read(int.from_bytes(header, "little")))
+
+
+def _write(stream, obj) -> None:
+    blob = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    stream.write(len(blob).to_bytes(8, "little") + blob)
+    stream.flush()
+
+
+def serve() -> None:
+    """The worker's loop: the first message is (tokenizer, protocol, task), then jobs until end of input."""
     import torch
 
-    torch.set_num_threads(1)  # the predicting process keeps the cores
-    _STATE.update(tokenizer=tokenizer, protocol=protocol, task=task)
-
-
-def _finish_and_write(decoded, skip, path: str) -> int:
     from pipeline.results.store import append_records
 
-    evaluated = decoded.finish(_STATE["tokenizer"], _STATE["protocol"], _STATE["task"], skip)
-    append_records(Path(path), evaluated.records)
-    return len(evaluated.records)
+    torch.set_num_threads(1)  # the predicting process keeps the cores
+    source, answers = sys.stdin.buffer, sys.stdout.buffer
+    tokenizer, protocol, task = _read(source)
+    while (job := _read(source)) is not None:
+        decoded, skip, path = job
+        try:
+            evaluated = decoded.finish(tokenizer, protocol, task, skip)
+            append_records(Path(path), evaluated.records)
+            _write(answers, None)
+        except Exception as error:  # noqa: BLE001 - reported to the predicting process
+            _write(answers, f"{type(error).__name__}: {error}")
 
 
 class HostWorker:
@@ -38,18 +62,29 @@ class HostWorker:
     IN_FLIGHT = 2  # batches handed over but not yet written, before ``submit`` waits
 
     def __init__(self, tokenizer, protocol, task):
-        self._pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"), initializer=_start,
-                                         initargs=(tokenizer, protocol, task))
-        self._pending: list[Future] = []
+        environment = dict(os.environ, SPARSEACT_HOST_PATH=os.pathsep.join(sys.path), TOKENIZERS_PARALLELISM="false",
+                           OMP_NUM_THREADS="1")
+        self._process = subprocess.Popen([sys.executable, "-c", _BOOT], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                         env=environment)
+        _write(self._process.stdin, (tokenizer, protocol, task))
+        self._pending = 0
+
+    def _answer(self) -> None:
+        answer = _read(self._process.stdout)
+        self._pending -= 1
+        if answer is not None or self._process.poll() not in (None, 0):
+            raise RuntimeError(f"writing records failed in the worker process: {answer or 'it exited'}")
 
     def submit(self, decoded, skip, path: Path) -> None:
-        while len(self._pending) >= self.IN_FLIGHT:
-            self._pending.pop(0).result()  # raises what the worker raised
-        self._pending.append(self._pool.submit(_finish_and_write, decoded, skip, str(path)))
+        while self._pending >= self.IN_FLIGHT:
+            self._answer()
+        _write(self._process.stdin, (decoded, skip, str(path)))
+        self._pending += 1
 
     def wait(self) -> None:
         try:
             while self._pending:
-                self._pending.pop(0).result()
+                self._answer()
         finally:
-            self._pool.shutdown(wait=True, cancel_futures=False)
+            self._process.stdin.close()
+            self._process.wait()
