@@ -52,6 +52,8 @@ LEVERS = {
     "masked_groups": ("pipeline.masking.generation", "MASKED_GROUPS", False),
     "overlap": ("pipeline.runner.module", "OVERLAP_HOST_WORK", False),
     "keep_on_device": ("pipeline.runner.module", "KEEP_ON_DEVICE_AT_TEARDOWN", False),
+    "no_cudnn": ("pipeline.runner.module", "NO_CUDNN_ATTENTION", False),
+    "no_cudnn_attribution": ("pipeline.scores.exact_attention", "CUDNN_ATTENTION", True),
     "batch64": None,  # off: the former default GPU block of 16 samples
 }
 

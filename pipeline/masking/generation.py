@@ -354,7 +354,8 @@ def _masked_groups_captured(model, work: list[_MaskedWork], todo: list[int], eos
     """
     limit = _group_rows(model, [work[i] for i in todo])
     groups, current, count = [], [], 0
-    for i in todo:
+    # samples of similar prefix length and steps share a group: less padding, fewer wasted steps
+    for i in sorted(todo, key=lambda i: (len(work[i].dense.prompt_ids) + work[i].shared, len(work[i].dense.tokens))):
         if current and count + len(work[i].active) > limit:
             groups.append(current)
             current, count = [], 0

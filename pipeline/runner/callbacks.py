@@ -11,7 +11,7 @@ from pipeline.masking.hooks import hooks_for
 from pipeline.results.raw_scores import save_scores
 from pipeline.results.store import RECORDS, append_records
 from pipeline.runner.host import HostWorker
-from pipeline.runner.module import Deferred
+from pipeline.runner.module import Deferred, overlaps
 
 
 class MaskingCallback(L.Callback):
@@ -52,12 +52,19 @@ class RecordWriter(BasePredictionWriter):
                     save_scores(self.run_dir, sample_id, scores)
             prediction.decoded.scores = {}  # the worker needs none of them
             if self._worker is None:
-                self._worker = HostWorker(pl_module.tokenizer, pl_module.protocol, pl_module.task)
+                self._start_worker(pl_module)
             self._worker.submit(prediction.decoded, prediction.done, self.shard(trainer))
             return
         for sample_id, scores in prediction.scores.items():
             save_scores(self.run_dir, sample_id, scores)
         append_records(self.shard(trainer), prediction.records)
+
+    def _start_worker(self, pl_module) -> None:
+        self._worker = HostWorker(pl_module.tokenizer, pl_module.protocol, pl_module.task)
+
+    def on_predict_start(self, trainer, pl_module) -> None:
+        if overlaps(pl_module):  # the worker imports while the first batch computes
+            self._start_worker(pl_module)
 
     def _flush(self) -> None:
         worker, self._worker = self._worker, None

@@ -57,34 +57,57 @@ def serve() -> None:
 
 
 class HostWorker:
-    """One worker process; ``submit`` returns at once, ``wait`` until everything submitted is written."""
+    """One worker process, fed by a thread of this one.
 
-    IN_FLIGHT = 2  # batches handed over but not yet written, before ``submit`` waits
+    ``submit`` returns at once (it waits only while ``IN_FLIGHT`` batches are queued);
+    ``wait`` returns once everything submitted is written. The thread does the pipe's
+    blocking writes and reads (they release the interpreter lock), so neither the
+    worker's start (its imports take seconds) nor its pace holds up the GPU's feeder.
+    """
+
+    IN_FLIGHT = 2
 
     def __init__(self, tokenizer, protocol, task):
+        import queue
+        import threading
+
         environment = dict(os.environ, SPARSEACT_HOST_PATH=os.pathsep.join(sys.path), TOKENIZERS_PARALLELISM="false",
                            OMP_NUM_THREADS="1")
         self._process = subprocess.Popen([sys.executable, "-c", _BOOT], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                          env=environment)
-        _write(self._process.stdin, (tokenizer, protocol, task))
-        self._pending = 0
+        self._jobs: queue.Queue = queue.Queue(maxsize=self.IN_FLIGHT)
+        self._error: str | None = None
+        self._thread = threading.Thread(target=self._feed, args=((tokenizer, protocol, task),), daemon=True,
+                                        name="sparseact-host-feeder")
+        self._thread.start()
 
-    def _answer(self) -> None:
-        answer = _read(self._process.stdout)
-        self._pending -= 1
-        if answer is not None or self._process.poll() not in (None, 0):
-            raise RuntimeError(f"writing records failed in the worker process: {answer or 'it exited'}")
+    def _feed(self, start) -> None:
+        try:
+            _write(self._process.stdin, start)
+            while (job := self._jobs.get()) is not None:
+                if self._error is None:
+                    _write(self._process.stdin, job)
+                    answer = _read(self._process.stdout)
+                    if answer is not None or self._process.poll() not in (None, 0):
+                        self._error = answer or "the worker process exited"
+        except Exception as error:  # noqa: BLE001 - reported by submit / wait
+            self._error = f"{type(error).__name__}: {error}"
+            while self._jobs.get() is not None:  # let submit and wait go on
+                pass
+
+    def _check(self) -> None:
+        if self._error is not None:
+            raise RuntimeError(f"writing records failed in the worker process: {self._error}")
 
     def submit(self, decoded, skip, path: Path) -> None:
-        while self._pending >= self.IN_FLIGHT:
-            self._answer()
-        _write(self._process.stdin, (decoded, skip, str(path)))
-        self._pending += 1
+        self._check()
+        self._jobs.put((decoded, skip, str(path)))
 
     def wait(self) -> None:
         try:
-            while self._pending:
-                self._answer()
+            self._jobs.put(None)
+            self._thread.join()
         finally:
             self._process.stdin.close()
             self._process.wait()
+        self._check()

@@ -14,6 +14,9 @@ from pipeline.protocol import DecodedBatch, decode_batch
 OVERLAP_HOST_WORK = True  # on a GPU, build and write a batch's records while the next batch computes
 OVERLAP_ON = {"cuda"}  # device types where that pays (on a CPU the worker would take the cores' time)
 KEEP_ON_DEVICE_AT_TEARDOWN = True  # Lightning's teardown would copy the model to the CPU (Phi-2: 3.5 s)
+# cuDNN's attention builds a plan for every new shape (each block, each captured step size):
+# seconds each, where the other kernels cost the same per call without it
+NO_CUDNN_ATTENTION = True
 
 
 @dataclass
@@ -22,6 +25,21 @@ class Deferred:
 
     decoded: DecodedBatch
     done: frozenset  # samples already in the run directory: not written again
+
+
+def overlaps(module) -> bool:
+    """Whether the module's batches hand their host work to a worker process."""
+    return OVERLAP_HOST_WORK and module.device.type in OVERLAP_ON
+
+
+def _attention_kernels():
+    from contextlib import nullcontext
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    if not NO_CUDNN_ATTENTION:
+        return nullcontext()
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
 class SparseActivationModule(L.LightningModule):
@@ -42,9 +60,10 @@ class SparseActivationModule(L.LightningModule):
     def predict_step(self, batch: Block, batch_idx: int):
         # Records leave through the RecordWriter callback, not through a returned list
         # that Lightning would accumulate (trainer.predict runs with return_predictions=False).
-        decoded = decode_batch(self.model, self.tokenizer, self.layout, batch.samples, self.template,
-                               self.protocol, self.stop_ids, self.thresholds)
-        if OVERLAP_HOST_WORK and self.device.type in OVERLAP_ON:
+        with _attention_kernels():
+            decoded = decode_batch(self.model, self.tokenizer, self.layout, batch.samples, self.template,
+                                   self.protocol, self.stop_ids, self.thresholds)
+        if overlaps(self):
             return Deferred(decoded, batch.done)
         return decoded.finish(self.tokenizer, self.protocol, self.task, batch.done)
 
