@@ -50,11 +50,12 @@ PHASES = ["load", "dense labels", "attribution", "masks", "masked decoding", "re
 LEVERS = {
     "dense_graphs": ("pipeline.masking.generation", "DENSE_GRAPHS", False),
     "masked_groups": ("pipeline.masking.generation", "MASKED_GROUPS", False),
-    "overlap": ("pipeline.runner.module", "OVERLAP_HOST_WORK", False),
+    "overlap": ("pipeline.runner.module", "OVERLAP_HOST_WORK", False),  # (off by default: see module.py)
     "keep_on_device": ("pipeline.runner.module", "KEEP_ON_DEVICE_AT_TEARDOWN", False),
     "no_cudnn": ("pipeline.runner.module", "NO_CUDNN_ATTENTION", False),
     "no_cudnn_attribution": ("pipeline.scores.exact_attention", "CUDNN_ATTENTION", True),
     "batch64": None,  # off: the former default GPU block of 16 samples
+    "on_overlap": ("pipeline.runner.module", "OVERLAP_HOST_WORK", True),
 }
 
 
@@ -320,7 +321,7 @@ def report(result: dict, rate) -> list[str]:
     total = result["total_s"]
     phases = dict(result["phases"])
     phases["other"] = max(0.0, total - sum(phases.values()))
-    lines = [f"[{result['label']}] levers off: {', '.join(result['off']) or 'none'}; {result['samples']} samples; "
+    lines = [f"[{result['label']}] levers switched: {', '.join(result['off']) or 'none'}; {result['samples']} samples; "
              f"run {total:.1f} s, prediction {result['prediction_s']:.2f} s = "
              f"{result['samples'] / result['prediction_s']:.2f} samples/s"]
     lines.append("    " + "  ".join(f"{name} {seconds:.2f} s ({seconds / total:.0%})" for name, seconds in phases.items()))
@@ -372,6 +373,8 @@ def main():
     for variant in args.variants:
         off = set(LEVERS) if variant == "none" else set(variant.split(":", 1)[1].split("+")) \
             if variant.startswith("off:") else set()
+        if variant.startswith("on:"):  # switch on levers that are off by default
+            off = {f"on_{v}" for v in variant.split(":", 1)[1].split("+")}
         unknown = off - set(LEVERS)
         if unknown:
             raise SystemExit(f"unknown lever(s) {sorted(unknown)}; choose from {', '.join(LEVERS)}")

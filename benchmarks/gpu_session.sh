@@ -19,6 +19,13 @@ step() {  # name, seconds, command...
   grep -v "Warning\|warn(" "$OUT/$name.log" | grep -A3 "^\[\|^pipeline from\|Error\|error" | tail -40
 }
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu --format=csv,noheader
+if [ "${2:-full}" = final ]; then
+  step phi2_final 115 $E2E --config .bench_assets/phi2 "${A[@]}" --questions "$Q" --json "$OUT/phi2_final.json" \
+    --variants all on:overlap
+  step smol_final 75 $E2E --config .bench_assets/smollm2 "${A[@]}" --questions "$Q" --json "$OUT/smol_final.json" \
+    --variants all
+  exit 0
+fi
 if [ "${2:-full}" = short ]; then
   step phi2_new 170 $E2E --config .bench_assets/phi2 "${A[@]}" --questions "$Q" --json "$OUT/phi2_new.json" \
     --variants all off:no_cudnn+no_cudnn_attribution off:overlap
