@@ -220,7 +220,7 @@ class RunConfig:
     batch in flight and requeue the job with scontrol; it resumes where it stopped."""
     batch_size: int | None = None
     """Questions per predict step: their dense runs, attribution and masked rows are batched.
-    Default: 4 on CPU, 16 on GPU; a batch that does not fit in GPU memory is split
+    Default: 4 on CPU, 64 on GPU; a batch that does not fit in GPU memory is split
     automatically. Batches are fixed blocks of consecutive questions, so the number of
     ranks and resuming never change a question's batch-mates. Records are written per
     batch, so a killed run redoes at most one batch."""

@@ -31,6 +31,39 @@ class EvaluatedBatch:
     scores: dict = field(default_factory=dict)  # sample id -> {metric: UnitScores}
 
 
+@dataclass
+class RowStats:
+    """One sample's per-row numbers from its keep masks, on the CPU.
+
+    ``sparsity`` ``[rows, T]`` per step; ``kept_heads`` / ``kept_neurons`` ``[rows, layers]``:
+    the kept fraction over the steps the row decoded (its count of kept units over
+    those steps, divided once, which is exactly what a float mean of the 0/1 masks gives).
+    """
+
+    sparsity: torch.Tensor
+    kept_heads: torch.Tensor
+    kept_neurons: torch.Tensor
+
+
+@dataclass
+class DecodedBatch:
+    """A batch after its device work; building its records (``finish``) is host work only."""
+
+    samples: list[Sample]
+    dense: list[list[int]]  # per sample, the dense tokens
+    outputs: list[list[list[int]]]  # per sample and row, the masked tokens
+    stats: list[RowStats]
+    scores: dict  # raw scores (protocol.save_scores)
+
+    def finish(self, tokenizer, protocol: ProtocolConfig, task: str, skip=frozenset()) -> EvaluatedBatch:
+        """The records of every sample not in ``skip``."""
+        records = []
+        for sample, dense, stats, rows in zip(self.samples, self.dense, self.stats, self.outputs):
+            if sample.id not in skip:
+                records += _records(tokenizer, sample, dense, stats, rows, protocol, task)
+        return EvaluatedBatch(records=records, scores={k: v for k, v in self.scores.items() if k not in skip})
+
+
 def evaluate_batch(
     model,
     tokenizer,
@@ -53,6 +86,14 @@ def evaluate_batch(
     own sample's dense run (the prompt and the steps before any unit is off), so a
     masked row and its dense run share exactly the same prompt computation.
     """
+    decoded = decode_batch(model, tokenizer, layout, samples, template, protocol, stop_ids, thresholds, layer_levels)
+    return decoded.finish(tokenizer, protocol, task)
+
+
+def decode_batch(model, tokenizer, layout: UnitLayout, samples: list[Sample], template: str,
+                 protocol: ProtocolConfig, stop_ids: list[int], thresholds: dict | None = None,
+                 layer_levels: dict | None = None) -> DecodedBatch:
+    """The device work of ``evaluate_batch``: labels, scores, masks, masked decoding, row numbers."""
     prompts = [torch.tensor(prompt_ids(tokenizer, template, s.question)) for s in samples]
 
     # Labels: what the dense model says (docs/protocol.md §3).
@@ -65,12 +106,9 @@ def evaluate_batch(
     # Keep masks [rows = metrics x allocations x levels, T, layers, units] per sample; every row decodes.
     keeps = [_keep_masks(sample_scores, protocol, thresholds, layer_levels) for sample_scores in scores]
     outputs = masked_after_dense_batch(model, dense, [h for h, _ in keeps], [n for _, n in keeps], stop_ids)
-
-    records = []
-    for sample, dense_run, (head_keep, neuron_keep), rows in zip(samples, dense, keeps, outputs):
-        records += _records(tokenizer, layout, sample, dense_run.tokens, head_keep, neuron_keep, rows, protocol, task)
+    stats = [_row_stats(layout, head_keep, neuron_keep, rows) for (head_keep, neuron_keep), rows in zip(keeps, outputs)]
     raw = {s.id: sc for s, sc in zip(samples, scores)} if protocol.save_scores else {}
-    return EvaluatedBatch(records=records, scores=raw)
+    return DecodedBatch(samples, [d.tokens for d in dense], outputs, stats, raw)
 
 
 def _attribute_fitting(model, prompts, labels, protocol: ProtocolConfig):
@@ -84,10 +122,6 @@ def _attribute_fitting(model, prompts, labels, protocol: ProtocolConfig):
         half = len(prompts) // 2
         return (_attribute_fitting(model, prompts[:half], labels[:half], protocol)
                 + _attribute_fitting(model, prompts[half:], labels[half:], protocol))
-
-
-def _rounded(values: torch.Tensor) -> list[float]:
-    return [round(v, 4) for v in values.tolist()]
 
 
 def _keep(variant, importance: torch.Tensor, kind: str, levels, thresholds, layer_levels) -> torch.Tensor:
@@ -111,12 +145,31 @@ def _keep_masks(scores, protocol: ProtocolConfig, thresholds, layer_levels=None)
     return head_keep, neuron_keep
 
 
-def _records(tokenizer, layout, sample, dense, head_keep, neuron_keep, outputs, protocol, task) -> list[dict]:
-    sparsity = achieved_sparsity(head_keep, neuron_keep, layout)  # [rows, T]
+def _row_stats(layout, head_keep: torch.Tensor, neuron_keep: torch.Tensor, outputs) -> RowStats:
+    """Each row's sparsity per step and kept fractions per layer over its decoded steps.
 
+    Computed where the masks are (counts, not the masks, come to the CPU).
+    """
+    device = head_keep.device
+    steps = torch.tensor([max(1, len(tokens)) for tokens in outputs], device=device)
+    rows = torch.arange(len(outputs), device=device)
+
+    def kept(keep: torch.Tensor) -> torch.Tensor:  # [rows, layers]: kept units over the first n steps / (n x units)
+        counts = keep.sum(-1).cumsum(1)[rows, steps - 1]
+        return (counts.float() / (steps * keep.shape[-1]).float()[:, None]).cpu()
+
+    return RowStats(achieved_sparsity(head_keep, neuron_keep, layout).cpu(), kept(head_keep), kept(neuron_keep))
+
+
+def _rounded(values: list[float]) -> list[float]:
+    return [round(v, 4) for v in values]
+
+
+def _records(tokenizer, sample, dense, stats: RowStats, outputs, protocol, task) -> list[dict]:
     decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True).strip()  # noqa: E731
     dense_text = decode(dense)
     dense_task = task_score(task, dense_text, sample.reference)
+    kept_heads, kept_neurons = stats.kept_heads.tolist(), stats.kept_neurons.tolist()
     records = []
     rows = [(v, p) for v in protocol.variants() for p in protocol.levels]
     for row, (((metric, allocation, normalize), level), tokens) in enumerate(zip(rows, outputs)):
@@ -126,10 +179,10 @@ def _records(tokenizer, layout, sample, dense, head_keep, neuron_keep, outputs, 
             "metric": metric,
             "level": level,
             # averaged over the steps this row actually decoded
-            "sparsity": sparsity[row, : max(1, len(tokens))].mean().item(),
+            "sparsity": stats.sparsity[row, : max(1, len(tokens))].mean().item(),
             # per layer, the kept fraction of heads and of neurons over the decoded steps
-            "kept_heads": _rounded(head_keep[row, : max(1, len(tokens))].float().mean(dim=(0, 2))),
-            "kept_neurons": _rounded(neuron_keep[row, : max(1, len(tokens))].float().mean(dim=(0, 2))),
+            "kept_heads": _rounded(kept_heads[row]),
+            "kept_neurons": _rounded(kept_neurons[row]),
             "bleu": bleu_vs_dense(tokens, dense, text, dense_text),
             "token_agreement": token_agreement(tokens, dense),
             "task_score": task_score(task, text, sample.reference),

@@ -95,3 +95,50 @@ def test_batched_samples_equal_recomputation(arch):
             assert rows[row] == _recompute_with_position_masks(model, prompt, h[row].double(), n[row].double(),
                                                                len(run.tokens))
     assert any(row != run.tokens for rows, run in zip(got, dense) for row in rows)
+
+
+@pytest.mark.parametrize("arch", ["llama", "phi"])
+def test_padded_captured_steps_equal_eager_decoding(arch, monkeypatch):
+    """The GPU path, run on the CPU with each captured step called instead of replayed: dense runs
+    as one padded batch through a static cache, then the masked rows of several samples in
+    groups padded to one row count, give the tokens (and dense caches) of the eager loops."""
+    import pipeline.masking.cuda_graph as cuda_graph
+    import pipeline.masking.generation as generation
+
+    model = tiny_model(arch)
+    model.set_attn_implementation("sdpa")
+    layout = layout_for(model)
+    torch.manual_seed(3)
+    prompts = [torch.tensor([4, 19, 33, 2, 70]), torch.tensor([5, 6]), torch.tensor([7, 8, 9, 10, 11, 12, 13])]
+    limits = [6, 3, 8]
+    expected_dense = generation.dense_generate_batch(model, prompts, limits, [])
+    heads, neurons = [], []
+    for run in expected_dense:
+        T = len(run.tokens)
+        h = torch.rand(4, T, layout.num_layers, layout.num_heads) > 0.3
+        n = torch.rand(4, T, layout.num_layers, layout.num_neurons) > 0.4
+        h[:, 0], n[:, 0] = True, True
+        h[0], n[0] = True, True
+        heads.append(h)
+        neurons.append(n)
+    expected = generation.masked_after_dense_batch(model, expected_dense, heads, neurons, [])
+
+    class Called:  # stands in for a captured graph
+        def __init__(self, decoder):
+            self.replay = decoder._step
+
+    def capture(self, kv, first_input, heads, neurons, prefix_mask=None, positions=None):
+        self.graph = Called(self)
+
+    monkeypatch.setattr(cuda_graph, "graphs_enabled", lambda model: True)
+    monkeypatch.setattr(cuda_graph.CapturedDecoder, "_capture", capture)
+    monkeypatch.setattr(generation, "GROUP_MAX_ROWS", 5)  # one sample per group, padded to 5 rows
+    dense = generation.dense_generate_batch(model, prompts, limits, [])
+    assert [d.tokens for d in dense] == [d.tokens for d in expected_dense]
+    for got, want in zip(dense, expected_dense):
+        for a, b in zip(got.cache.layers, want.cache.layers):
+            torch.testing.assert_close(a.keys, b.keys)
+            torch.testing.assert_close(a.values, b.values)
+    assert any(key[0] == "padded" for key in model._sparseact_decoders)
+    assert generation.masked_after_dense_batch(model, dense, heads, neurons, []) == expected
+    assert sum(key[0] == "padded" and key[2] for key in model._sparseact_decoders) == 1  # one shape for all groups

@@ -152,19 +152,37 @@ def _env():
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
+def _lock_holder(lock: Path, processes):
+    """The process that holds ``lock`` (its pid is written there once it has it)."""
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        text = lock.read_text() if lock.exists() else ""
+        for process in processes:
+            if text.startswith(f"pid {process.pid} "):
+                return process
+        time.sleep(0.01)
+    raise AssertionError(f"no process took {lock}")
+
+
 def test_two_runs_at_once_then_kill_9_of_the_holder(tiny_dir, tmp_path):
     data = _questions(tmp_path / "q.jsonl", [f"w{i} w{i + 1} the ?" for i in range(3, 40, 2)])  # 19 questions
     reference = tmp_path / "reference"
     subprocess.run(_command(tiny_dir, data, reference), env=_env(), check=True, capture_output=True)
 
-    # Two at once: exactly one computes, the other exits 2 with one line.
+    # Two at once: exactly one computes, the other exits 2 with one line. The holder is paused
+    # once it holds the lock, so that on a loaded machine it cannot finish before the other
+    # reaches the lock.
     out = tmp_path / "run"
     both = [subprocess.Popen(_command(tiny_dir, data, out), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              text=True) for _ in range(2)]
-    results = [(p.wait(timeout=300), p.stderr.read()) for p in both]
-    assert sorted(code for code, _ in results) == [0, 2], results
-    refusal = next(err for code, err in results if code == 2).strip()
-    assert len(refusal.splitlines()) == 1 and "in use by another run (pid " in refusal
+    holder = _lock_holder(out / ".lock.rank0", both)
+    holder.send_signal(signal.SIGSTOP)
+    other = next(p for p in both if p is not holder)
+    code, err = other.wait(timeout=300), other.stderr.read().strip()
+    holder.send_signal(signal.SIGCONT)
+    assert holder.wait(timeout=300) == 0, holder.stderr.read()[-2000:]
+    assert code == 2, err
+    assert len(err.splitlines()) == 1 and f"in use by another run (pid {holder.pid} on " in err
     assert _outputs(out) == _outputs(reference)
     assert sum(1 for _ in (out / "records.jsonl").open()) == len(_outputs(reference))  # no duplicate lines
 
@@ -172,10 +190,7 @@ def test_two_runs_at_once_then_kill_9_of_the_holder(tiny_dir, tmp_path):
     killed = tmp_path / "killed"
     holder = subprocess.Popen(_command(tiny_dir, data, killed), env=_env(), stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)
-    lock = killed / ".lock.rank0"
-    deadline = time.time() + 120
-    while not (lock.exists() and lock.read_text().startswith("pid")) and time.time() < deadline:
-        time.sleep(0.02)
+    _lock_holder(killed / ".lock.rank0", [holder])
     holder.kill()
     holder.wait()
     started = time.time()

@@ -15,7 +15,10 @@ Work that is the same in every row is done once:
   switches nothing off at any step *is* the dense run and is not decoded again.
 
 On a GPU each decoding step is replayed from a captured CUDA graph where the model
-allows it (``cuda_graph.py``): a step then costs GPU time, not Python time.
+allows it (``cuda_graph.py``): a step then costs GPU time, not Python time. There the
+dense runs of a batch decode as one padded batch, and so do the masked rows of many
+samples at once (``GROUP_KV_BYTES`` bounds their cache): a replayed step costs about the
+same for 45 rows as for 500, so rows of several samples share each step.
 """
 
 from __future__ import annotations
@@ -26,9 +29,20 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from pipeline.masking.cuda_graph import CHECK_EVERY, decode_captured, graphs_enabled
+from pipeline.masking.cuda_graph import (
+    CHECK_EVERY,
+    decode_captured,
+    decode_captured_padded,
+    graphs_enabled,
+    padded_graphs_enabled,
+)
 from pipeline.masking.hooks import StepMasks, hooks_for
 from pipeline.models.inputs import pad, position_ids, with_cache
+
+DENSE_GRAPHS = True  # dense runs of a batch decode through captured padded steps where possible
+MASKED_GROUPS = True  # masked rows of several samples share captured padded steps where possible
+GROUP_KV_BYTES = 24 * 2**30  # static cache of one group of masked rows (also at most a quarter of free memory)
+GROUP_MAX_ROWS = 2048
 
 
 @dataclass
@@ -178,17 +192,31 @@ def dense_generate_batch(model, prompts: list[torch.Tensor], max_new_tokens: lis
     if width > 1:
         extra = {"attention_mask": mask[:, :-1], "position_ids": position_ids(mask[:, :-1])} if padded else {}
         model(input_ids=ids[:, :-1], **with_cache(model, cache), **extra)
-    rows = _decode_eager(model, cache, ids[:, -1:], eos, max_new_tokens, compact=False,
-                         attention_mask=mask[:, :-1] if padded else None,
-                         positions=mask.sum(1) - 1 if padded else None)
-    # a sliding-window layer that dropped columns cannot be cut into rows: recomputed on use
-    complete = all(layer.keys.shape[-2] == layer.get_seq_length() for layer in cache.layers)
+    captured = None
+    if DENSE_GRAPHS and padded_graphs_enabled(model):
+        kv = [(layer.keys, layer.values) for layer in cache.layers if getattr(layer, "keys", None) is not None
+              and layer.keys.numel()]
+        captured = decode_captured_padded(model, kv, mask[:, :-1], mask.sum(1) - 1, ids[:, -1:],
+                                          max(max_new_tokens), eos)
+    if captured is not None:  # the static cache is reused by the next call: each run keeps a copy
+        tokens, cache = captured
+        limits = torch.tensor(max_new_tokens, device=device)
+        rows = [row[:n] for row, n in zip(tokens.tolist(), _lengths(tokens, eos, limits))]
+        complete, copy = True, True
+    else:
+        rows = _decode_eager(model, cache, ids[:, -1:], eos, max_new_tokens, compact=False,
+                             attention_mask=mask[:, :-1] if padded else None,
+                             positions=mask.sum(1) - 1 if padded else None)
+        # a sliding-window layer that dropped columns cannot be cut into rows: recomputed on use
+        complete, copy = all(layer.keys.shape[-2] == layer.get_seq_length() for layer in cache.layers), False
     runs = []
     for row, (prompt, tokens) in enumerate(zip(prompts, rows)):
         start = width - len(prompt)  # this row's columns, without its left padding
         end = start + len(prompt) - 1 + len(tokens)
         kv = [(layer.keys[row:row + 1, :, start:end], layer.values[row:row + 1, :, start:end])
               for layer in cache.layers]
+        if copy:
+            kv = [(keys.clone(), values.clone()) for keys, values in kv]
         runs.append(DenseRun(prompt, tokens, _cache_of(model, kv) if complete and end > start else None))
     return runs
 
@@ -231,9 +259,10 @@ def masked_after_dense_batch(model, dense: list[DenseRun], head_keep: list[torch
                              neuron_keep: list[torch.Tensor], eos_token_ids) -> list[list[list[int]]]:
     """``masked_after_dense`` for several samples: their rows decode in one left-padded batch.
 
-    On a GPU with captured decoding steps each sample decodes on its own (a replayed
-    step costs little at any batch size); elsewhere a bigger batch uses the matrix
-    units better, and rows leave the batch as their sample's answer length is reached.
+    On a GPU with captured padded steps the rows of many samples share each replayed
+    step (``_masked_groups_captured``); with captured steps but no padded ones each
+    sample decodes on its own; elsewhere one eager batch uses the matrix units better,
+    and rows leave the batch as their sample's answer length is reached.
     """
     device = dense[0].prompt_ids.device
     eos = _eos(eos_token_ids, device)
@@ -242,6 +271,10 @@ def masked_after_dense_batch(model, dense: list[DenseRun], head_keep: list[torch
     todo = [i for i, w in enumerate(work) if w.active]
     if not todo:
         return outputs
+    if MASKED_GROUPS and len(todo) > 1 and padded_graphs_enabled(model):
+        todo = _masked_groups_captured(model, work, todo, eos, outputs)  # what could not be captured remains
+        if not todo:
+            return outputs
     if graphs_enabled(model) or len(todo) == 1:
         for i in todo:
             w = work[i]
@@ -253,25 +286,9 @@ def masked_after_dense_batch(model, dense: list[DenseRun], head_keep: list[torch
         return outputs
 
     # One batch: each sample's prefix cache, left-padded to the longest and repeated for its rows.
-    prefixes = [work[i].dense.prefix(model, work[i].shared) for i in todo]
-    lengths = [prefix.get_seq_length() for prefix, _ in prefixes]
-    width = max(lengths)
-    counts = [len(work[i].active) for i in todo]
-    kv = []
-    for layer in range(len(prefixes[0][0].layers)):
-        parts = []
-        for (prefix, _), length, count in zip(prefixes, lengths, counts):
-            keys, values = prefix.layers[layer].keys, prefix.layers[layer].values
-            pad = (0, 0, width - keys.shape[-2], 0)
-            parts.append((F.pad(keys, pad).expand(count, -1, -1, -1), F.pad(values, pad).expand(count, -1, -1, -1)))
-        kv.append((torch.cat([k for k, _ in parts]), torch.cat([v for _, v in parts])))
+    kv, mask, positions, first = _padded_prefixes(model, [work[i] for i in todo], device)
     cache = _cache_of(model, kv)
-    mask = torch.cat([torch.cat([torch.zeros(count, width - length, dtype=torch.long, device=device),
-                                 torch.ones(count, length, dtype=torch.long, device=device)], 1)
-                      for length, count in zip(lengths, counts)])
-    positions = torch.cat([torch.full((count,), length, device=device) for length, count in zip(lengths, counts)])
-    first = torch.cat([first_input.expand(count, 1) for (_, first_input), count in zip(prefixes, counts)])
-    limits = [len(work[i].dense.tokens) - work[i].shared for i, count in zip(todo, counts) for _ in range(count)]
+    limits = [len(work[i].dense.tokens) - work[i].shared for i in todo for _ in work[i].active]
     heads = torch.cat([_pad_steps(work[i].heads, max(limits)) for i in todo])
     neurons = torch.cat([_pad_steps(work[i].neurons, max(limits)) for i in todo])
     decoded = _decode_eager(model, cache, first, eos, limits, heads, neurons, attention_mask=mask, positions=positions)
@@ -281,6 +298,96 @@ def masked_after_dense_batch(model, dense: list[DenseRun], head_keep: list[torch
         for row in w.active:
             outputs[i][row] = w.dense.tokens[:w.shared] + next(rows)
     return outputs
+
+
+def _padded_prefixes(model, items: list[_MaskedWork], device):
+    """The items' prefix caches left-padded to the longest, each repeated for its active rows.
+
+    Returns per-layer ``(keys, values)`` ``[rows, heads, width, dim]``, the padding mask
+    ``[rows, width]``, each row's next position ``[rows]`` and first input ``[rows, 1]``.
+    """
+    prefixes = [w.dense.prefix(model, w.shared) for w in items]
+    lengths = [prefix.get_seq_length() for prefix, _ in prefixes]
+    width = max(lengths)
+    counts = [len(w.active) for w in items]
+    kv = []
+    filled = next((prefix for (prefix, _), length in zip(prefixes, lengths) if length), None)
+    for layer in range(len(filled.layers) if filled is not None else 0):
+        like = filled.layers[layer]
+        parts = []
+        for (prefix, _), length, count in zip(prefixes, lengths, counts):
+            if length:
+                keys, values = prefix.layers[layer].keys, prefix.layers[layer].values
+            else:  # a one-token prefix: nothing cached
+                keys, values = like.keys[:, :, :0], like.values[:, :, :0]
+            pad = (0, 0, width - keys.shape[-2], 0)
+            parts.append((F.pad(keys, pad).expand(count, -1, -1, -1), F.pad(values, pad).expand(count, -1, -1, -1)))
+        kv.append((torch.cat([k for k, _ in parts]), torch.cat([v for _, v in parts])))
+    mask = torch.cat([torch.cat([torch.zeros(count, width - length, dtype=torch.long, device=device),
+                                 torch.ones(count, length, dtype=torch.long, device=device)], 1)
+                      for length, count in zip(lengths, counts)])
+    positions = torch.cat([torch.full((count,), length, device=device) for length, count in zip(lengths, counts)])
+    first = torch.cat([first_input.expand(count, 1) for (_, first_input), count in zip(prefixes, counts)])
+    return kv, mask, positions, first
+
+
+def _group_rows(model, items: list[_MaskedWork]) -> int:
+    """Rows per captured masked step: as many as ``GROUP_KV_BYTES`` of static cache hold."""
+    config = model.config.get_text_config()
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    per_position = 2 * config.num_hidden_layers * heads * head_dim * next(model.parameters()).element_size()
+    positions = max(len(w.dense.prompt_ids) + len(w.dense.tokens) for w in items)
+    capacity = -(-positions // 64) * 64
+    budget = GROUP_KV_BYTES
+    if torch.cuda.is_available():
+        budget = min(budget, torch.cuda.mem_get_info()[0] // 4)
+    return max(max(len(w.active) for w in items), min(GROUP_MAX_ROWS, budget // (per_position * capacity)))
+
+
+def _masked_groups_captured(model, work: list[_MaskedWork], todo: list[int], eos, outputs) -> list[int]:
+    """Decode the masked rows of several samples per captured step; returns the samples left undone.
+
+    Whole samples fill groups of up to ``_group_rows`` rows; every group is padded (with
+    copies of its last row, whose tokens are dropped) to the same row count, so one
+    captured step serves all groups of a batch.
+    """
+    limit = _group_rows(model, [work[i] for i in todo])
+    groups, current, count = [], [], 0
+    # samples of similar prefix length and steps share a group: less padding, fewer wasted steps
+    for i in sorted(todo, key=lambda i: (len(work[i].dense.prompt_ids) + work[i].shared, len(work[i].dense.tokens))):
+        if current and count + len(work[i].active) > limit:
+            groups.append(current)
+            current, count = [], 0
+        current.append(i)
+        count += len(work[i].active)
+    groups.append(current)
+    rows = max(sum(len(work[i].active) for i in group) for group in groups)
+    rows = min(-(-rows // 64) * 64, max(rows, limit))  # a multiple of 64 where the budget allows
+    left = []
+    for group in groups:
+        items = [work[i] for i in group]
+        device = items[0].dense.prompt_ids.device
+        kv, mask, positions, first = _padded_prefixes(model, items, device)
+        real = first.shape[0]
+        steps = max(len(w.dense.tokens) - w.shared for w in items)
+        heads = torch.cat([_pad_steps(w.heads, steps) for w in items])
+        neurons = torch.cat([_pad_steps(w.neurons, steps) for w in items])
+        if real < rows:
+            index = torch.cat([torch.arange(real, device=device), torch.full((rows - real,), real - 1, device=device)])
+            kv = [(keys[index], values[index]) for keys, values in kv]
+            mask, positions, first, heads, neurons = (t[index] for t in (mask, positions, first, heads, neurons))
+        captured = decode_captured_padded(model, kv, mask, positions, first, steps, eos, heads, neurons)
+        if captured is None:
+            left += group
+            continue
+        tokens = captured[0][:real]
+        limits = torch.tensor([len(w.dense.tokens) - w.shared for w in items for _ in w.active], device=device)
+        decoded = iter(row[:n] for row, n in zip(tokens.tolist(), _lengths(tokens, eos, limits)))
+        for i, w in zip(group, items):
+            for row in w.active:
+                outputs[i][row] = w.dense.tokens[:w.shared] + next(decoded)
+    return left
 
 
 @torch.no_grad()

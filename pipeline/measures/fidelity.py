@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
-import sacrebleu
+from functools import lru_cache
+
+from sacrebleu.metrics import BLEU
+
+# ``sacrebleu.corpus_bleu`` builds this same default BLEU object on every call; one object,
+# and one score per distinct pair (the rows of a sample repeat texts), give the same numbers.
+_BLEU = BLEU()
 
 
+@lru_cache(maxsize=1 << 16)
 def sentence_bleu(hypothesis: str, reference: str) -> float:
     """sacreBLEU on a single pair, exactly ``corpus_bleu([hyp], [[ref]]).score`` (13a tokenisation)."""
-    return sacrebleu.corpus_bleu([hypothesis], [[reference]]).score
+    return _BLEU.corpus_score([hypothesis], [[reference]]).score
 
 
 def bleu_vs_dense(masked_tokens: list[int], dense_tokens: list[int], masked_text: str, dense_text: str) -> float:

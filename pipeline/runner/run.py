@@ -126,7 +126,7 @@ def evaluate(
     levels = levels_for_run(protocol, layout)  # a given levels file must fit the model
     check_context(loaded, template, samples + calibration, protocol)
     device = device_type(run)
-    batch_size = run.batch_size or (16 if device == "cuda" else 4)
+    batch_size = run.batch_size or (64 if device == "cuda" else 4)
 
     # Everything that changes a number, identified by content (docs: "Resuming").
     numbers_affecting = {

@@ -138,13 +138,19 @@ def _cudnn_takes(query) -> bool:
     return _CUDNN_TAKES[key]
 
 
+CUDNN_ATTENTION = False  # see _cuda
+
+
 def _cuda(query, key, value, mask, scaling):
-    """cuDNN's attention where it takes the shape (half precision), else the memory-efficient kernel.
+    """The memory-efficient kernel; cuDNN's attention (half precision) where ``CUDNN_ATTENTION``.
 
     The whole attribution pass took 118.9 ms with cuDNN against 122.0 ms with the
-    memory-efficient kernel (Phi-2 shape, 64 prompts, bf16, H200).
+    memory-efficient kernel (Phi-2 shape, 64 prompts, bf16, H200, best of 5 on one
+    shape), but cuDNN builds a plan for every new shape, and every block of a run has
+    its own padded length: a whole run's attribution took 9.6 s with it in the first
+    pass over 256 questions and 0.6 s once the plans existed (benchmarks/end_to_end.py).
     """
-    if query.dtype in (torch.float16, torch.bfloat16) and _cudnn_takes(query):
+    if CUDNN_ATTENTION and query.dtype in (torch.float16, torch.bfloat16) and _cudnn_takes(query):
         return _cudnn(query, key, value, mask.expand(query.shape[0], query.shape[1], -1, -1), scaling)
     return _efficient(query, key, value, mask, scaling)
 

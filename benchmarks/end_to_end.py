@@ -1,0 +1,412 @@
+"""A whole ``sparseact run``, in-process, timed phase by phase.
+
+Calls ``pipeline.runner.run.evaluate`` (what ``sparseact run`` calls) with the
+functions of each phase wrapped by a timer, and prints per phase its seconds and
+share of the run, the GPU busy fraction over the prediction (NVML, sampled in a
+thread), samples/s, and the ratio of the prediction time to its FLOP limit (issue 14:
+per sample (T dense steps + 3 x attributed positions + decoded masked rows x T) x 2 x
+non-embedding parameters, over the measured bf16 matmul rate).
+
+Phases: ``load`` (questions, model), ``dense labels``, ``attribution``, ``masks``,
+``masked decoding``, ``records`` (row numbers on the device, records on the host;
+with host work in a worker process, only the time the predicting process waits for
+it), ``writing`` (records, summary, plot), ``teardown`` (Lightning's end of predict),
+``other`` (the rest: start-up, Lightning, calibration). With ``--sync`` (default on a
+GPU) the timer synchronises CUDA at each phase edge, so GPU work is charged to the
+phase that queued it.
+
+    python benchmarks/end_to_end.py --questions 4 --max-new-tokens 4            # CPU, bundled SmolLM2, demo
+    python benchmarks/end_to_end.py --config .bench_assets/phi2 --tokenizer .bench_assets/tokenizer \
+        --data .bench_assets/TruthfulQA.csv --questions 256 --max-new-tokens 16 --dtype bfloat16
+    ... --metrics ig            # the five default scores and IG
+    ... --gpus 2                # Lightning DDP over two GPUs (each rank times its own phases)
+    ... --variants all off:masked_groups off:dense_graphs+overlap none   # several runs, levers switched off
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+_STARTED = time.perf_counter()
+import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine, record  # noqa: E402
+
+import pipeline.protocol as protocol_module  # noqa: E402
+import pipeline.runner.callbacks as callbacks_module  # noqa: E402
+import pipeline.runner.run as run_module  # noqa: E402
+
+IMPORT_S = time.perf_counter() - _STARTED
+PHASES = ["load", "dense labels", "attribution", "masks", "masked decoding", "records", "writing", "teardown"]
+# lever name -> (module, attribute, value when switched off)
+LEVERS = {
+    "dense_graphs": ("pipeline.masking.generation", "DENSE_GRAPHS", False),
+    "masked_groups": ("pipeline.masking.generation", "MASKED_GROUPS", False),
+    "overlap": ("pipeline.runner.module", "OVERLAP_HOST_WORK", False),  # (off by default: see module.py)
+    "keep_on_device": ("pipeline.runner.module", "KEEP_ON_DEVICE_AT_TEARDOWN", False),
+    "no_cudnn": ("pipeline.runner.module", "NO_CUDNN_ATTENTION", False),
+    "no_cudnn_attribution": ("pipeline.scores.exact_attention", "CUDNN_ATTENTION", True),
+    "batch64": None,  # off: the former default GPU block of 16 samples
+    "on_overlap": ("pipeline.runner.module", "OVERLAP_HOST_WORK", True),
+}
+
+
+class Timer:
+    """Seconds per phase; wraps module attributes so that every call of them is charged."""
+
+    def __init__(self, sync: bool):
+        self.sync = sync and torch.cuda.is_available()
+        self.seconds = {p: 0.0 for p in PHASES}
+        self.depth = 0
+        self.first_batch = None
+        self.teardown_start = None
+        self.shapes = []  # per sample: (prompt tokens, dense tokens)
+        self._undo = []
+
+    def _edge(self):
+        if self.sync:
+            torch.cuda.synchronize()
+
+    @contextmanager
+    def phase(self, name):
+        if self.depth:  # nested (e.g. records inside writing): charged to the outer phase
+            yield
+            return
+        self.depth += 1
+        self._edge()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._edge()
+            self.seconds[name] += time.perf_counter() - start
+            self.depth -= 1
+
+    def wrap(self, owner, attribute: str, name: str, before=None, after=None):
+        if not hasattr(owner, attribute):
+            return
+        original = getattr(owner, attribute)
+
+        def timed(*args, **kwargs):
+            if before:
+                before(*args, **kwargs)
+            with self.phase(name):
+                result = original(*args, **kwargs)
+            if after:
+                after(result, *args, **kwargs)
+            return result
+
+        setattr(owner, attribute, timed)
+        self._undo.append((owner, attribute, original))
+
+    def undo(self):
+        for owner, attribute, original in reversed(self._undo):
+            setattr(owner, attribute, original)
+        self._undo.clear()
+
+
+def install(timer: Timer) -> None:
+    import lightning.pytorch.strategies.strategy as strategy_module
+
+    def first(*args, **kwargs):
+        if timer.first_batch is None:
+            timer._edge()
+            timer.first_batch = time.perf_counter()
+
+    def shapes(result, model, prompts, max_new_tokens, stop_ids):
+        timer.shapes += [(len(p), len(d.tokens)) for p, d in zip(prompts, result)]
+
+    def teardown_start(*args, **kwargs):
+        timer._edge()
+        timer.teardown_start = time.perf_counter()
+
+    timer.wrap(run_module, "load_model", "load")
+    timer.wrap(run_module, "load_samples", "load")
+    timer.wrap(protocol_module, "dense_generate_batch", "dense labels", before=first, after=shapes)
+    timer.wrap(protocol_module, "_attribute_fitting", "attribution")
+    timer.wrap(protocol_module, "_keep_masks", "masks")
+    timer.wrap(protocol_module, "masked_after_dense_batch", "masked decoding")
+    timer.wrap(protocol_module, "_row_stats", "records")
+    timer.wrap(protocol_module, "_records", "records")
+    host = sys.modules.get("pipeline.runner.host")
+    if host is not None:  # waiting for the worker process that builds and writes records
+        timer.wrap(host.HostWorker, "submit", "records")
+        timer.wrap(host.HostWorker, "wait", "records")
+    timer.wrap(callbacks_module, "append_records", "writing")
+    timer.wrap(callbacks_module, "save_scores", "writing")
+    timer.wrap(run_module, "read_records", "writing")
+    timer.wrap(run_module, "write_summary", "writing")
+    timer.wrap(run_module, "plot_curves", "writing")
+    timer.wrap(strategy_module.Strategy, "teardown", "teardown", before=teardown_start)
+
+
+class GpuBusy:
+    """NVML utilisation (fraction of time a kernel ran) sampled every ``interval`` s in a thread."""
+
+    def __init__(self, interval: float = 0.05):
+        self.samples: list[tuple[float, int]] = []
+        self.interval = interval
+        self._stop = threading.Event()
+        self.handle = None
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            index = torch.cuda.current_device()
+            visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+            if visible:
+                index = int(visible.split(",")[index])
+            self.handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+            self._read = lambda: pynvml.nvmlDeviceGetUtilizationRates(self.handle).gpu
+        except Exception as error:  # noqa: BLE001 - no NVML: no busy fraction
+            print(f"no GPU busy fraction ({type(error).__name__}: {error})")
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self._stop.wait(self.interval):
+            self.samples.append((time.perf_counter(), self._read()))
+
+    def __enter__(self):
+        if self.handle is not None:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def fraction(self, start, end) -> float | None:
+        inside = [u for t, u in self.samples if start <= t <= end]
+        return sum(inside) / len(inside) / 100 if inside else None
+
+
+def matmul_rate() -> float | None:
+    """Measured bf16 matrix-product rate (FLOP/s) on random data; None on a CPU."""
+    if not torch.cuda.is_available():
+        return None
+    a, b = (torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(10):
+        a @ b
+    torch.cuda.synchronize()
+    return 10 * 2 * 8192**3 / (time.perf_counter() - start)
+
+
+def make_model(config_dir: str, tokenizer_dir: str, target: Path, dtype: str) -> None:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    if (target / "config.json").exists():
+        return
+    torch.manual_seed(0)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(config_dir), dtype=getattr(torch, dtype))
+    model.save_pretrained(target)
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(target)
+    del model
+
+
+def set_levers(off: set[str]) -> dict:
+    """Switch off the named levers; returns what to restore."""
+    import importlib
+
+    previous = {}
+    for name in off:
+        if LEVERS.get(name) is None:
+            continue
+        module_name, attribute, value = LEVERS[name]
+        module = importlib.import_module(module_name)
+        if hasattr(module, attribute):
+            previous[(module_name, attribute)] = getattr(module, attribute)
+            setattr(module, attribute, value)
+    return previous
+
+
+def restore_levers(previous: dict) -> None:
+    import importlib
+
+    for (module_name, attribute), value in previous.items():
+        setattr(importlib.import_module(module_name), attribute, value)
+
+
+def flop_limit(shapes, metrics, levels, parameters, ig_steps, layers) -> float:
+    """FLOPs of one run as issue 14 counts them (forward 2N per token, backward twice that)."""
+    masked_rows = sum(1 for m in metrics for p in levels if p > 0 or m == "static")
+    total = 0.0
+    for prompt, T in shapes:
+        positions = prompt + T - 1
+        tokens = T + 3 * positions + masked_rows * T
+        if "ig" in metrics:
+            tokens += 2 * layers * ig_steps * 3 * positions
+        total += tokens * 2 * parameters
+    return total
+
+
+def one_run(args, label: str, off: set[str], model_name: str, rate, gpus: int) -> dict:
+    from pipeline.config import DataConfig, ModelConfig, ProtocolConfig, RunConfig
+    from pipeline.scores.metrics import DEFAULT_METRICS
+
+    metrics = list(DEFAULT_METRICS) + [m for m in args.metrics if m not in DEFAULT_METRICS]
+    out = Path(args.workdir) / f"run_{label.replace(':', '_').replace('+', '_')}_{gpus}gpu"
+    if out.exists() and int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        import shutil
+
+        shutil.rmtree(out)
+    data = (DataConfig(dataset="demo", limit=args.questions) if args.data == "demo" else
+            DataConfig(dataset="truthfulqa", path=args.data, limit=args.questions))
+    batch = args.batch_size or (16 if "batch64" in off and torch.cuda.is_available() else None)
+    accelerator = "gpu" if torch.cuda.is_available() else "cpu"
+    run_config = RunConfig(output_dir=str(out), accelerator=accelerator, devices=gpus, progress=False,
+                           plot=args.plot, batch_size=batch, strategy="ddp" if gpus > 1 else "auto")
+    model_config = ModelConfig(name=model_name, dtype=args.dtype,
+                               template="instruct" if args.config else "auto")
+    protocol = ProtocolConfig(metrics=metrics, max_new_tokens=args.max_new_tokens, ig_steps=args.ig_steps)
+
+    previous = set_levers(off)
+    timer = Timer(args.sync)
+    install(timer)
+    try:
+        with GpuBusy() as busy:
+            start = time.perf_counter()
+            run_module.evaluate(model_config, data, protocol, run_config)
+            total = time.perf_counter() - start
+    finally:
+        timer.undo()
+        restore_levers(previous)
+        import gc
+
+        gc.collect()  # the run's model and captured graphs, before the next variant loads its own
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    end_of_prediction = timer.teardown_start or time.perf_counter()
+    prediction = end_of_prediction - (timer.first_batch or start)
+    samples = len(timer.shapes)
+    result = {"label": label, "off": sorted(off), "total_s": total, "prediction_s": prediction, "samples": samples,
+              "phases": dict(timer.seconds), "busy": busy.fraction(timer.first_batch or start, end_of_prediction),
+              "shapes": timer.shapes, "metrics": metrics, "levels": protocol.levels}
+    if rate:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(model_name).get_text_config() if Path(model_name).is_dir() else None
+        parameters = args.parameters or (_non_embedding_parameters(config) if config is not None else None)
+        if parameters:
+            flops = flop_limit(timer.shapes, metrics, protocol.levels, parameters, args.ig_steps,
+                               config.num_hidden_layers)
+            result["flop_limit_s"] = flops / rate
+            result["parameters"] = parameters
+    return result
+
+
+def _non_embedding_parameters(config) -> float:
+    """Parameters of a model of this config, minus the input embedding (issue 14: 2.65e9 for Phi-2)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return sum(p.numel() for p in model.parameters()) - model.get_input_embeddings().weight.numel()
+
+
+def report(result: dict, rate) -> list[str]:
+    total = result["total_s"]
+    phases = dict(result["phases"])
+    phases["other"] = max(0.0, total - sum(phases.values()))
+    lines = [f"[{result['label']}] levers switched: {', '.join(result['off']) or 'none'}; {result['samples']} samples; "
+             f"run {total:.1f} s, prediction {result['prediction_s']:.2f} s = "
+             f"{result['samples'] / result['prediction_s']:.2f} samples/s"]
+    lines.append("    " + "  ".join(f"{name} {seconds:.2f} s ({seconds / total:.0%})" for name, seconds in phases.items()))
+    extra = []
+    if result.get("busy") is not None:
+        extra.append(f"GPU busy {result['busy']:.0%} over the prediction (NVML)")
+    if result.get("flop_limit_s"):
+        extra.append(f"FLOP limit {result['flop_limit_s']:.2f} s at {rate / 1e12:.0f} TFLOP/s "
+                     f"({result['parameters'] / 1e9:.2f} B non-embedding params) = "
+                     f"{result['flop_limit_s'] / result['prediction_s']:.1%} of it")
+    if extra:
+        lines.append("    " + "; ".join(extra))
+    return lines
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m", help="bundled name, HF id or directory")
+    parser.add_argument("--config", default=None, help="config directory: a random model of this shape (saved once)")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer directory for --config")
+    parser.add_argument("--data", default="demo", help="demo, or a TruthfulQA CSV file")
+    parser.add_argument("--questions", type=int, default=4)
+    parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--batch-size", type=int, default=None, help="default: the run's own default")
+    parser.add_argument("--metrics", nargs="*", default=[], help="scores beyond the five defaults, e.g. ig")
+    parser.add_argument("--ig-steps", type=int, default=20)
+    parser.add_argument("--gpus", type=int, default=1)
+    parser.add_argument("--variants", nargs="*", default=["all"],
+                        help="runs in this process: 'all' (every lever on), 'off:LEVER[+LEVER...]' "
+                             f"(levers {', '.join(LEVERS)}), or 'none' (every lever off)")
+    parser.add_argument("--sync", action=argparse.BooleanOptionalAction, default=True,
+                        help="synchronise CUDA at phase edges")
+    parser.add_argument("--plot", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--parameters", type=float, default=None, help="non-embedding parameters (else counted)")
+    parser.add_argument("--workdir", default="/tmp/sparseact-e2e")
+    parser.add_argument("--json", default=None, help="also write every result to this file")
+    parser.add_argument("--no-record", action="store_true")
+    args = parser.parse_args()
+    Path(args.workdir).mkdir(parents=True, exist_ok=True)
+    model_name = args.model
+    if args.config:
+        model_name = str(Path(args.workdir) / f"model_{Path(args.config).name}_{args.dtype}")
+        if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+            make_model(args.config, args.tokenizer, Path(model_name), args.dtype)
+    rate = matmul_rate()
+    print(f"pipeline from {Path(protocol_module.__file__).parent}; imports {IMPORT_S:.1f} s")
+    results, lines = [], []
+    for variant in args.variants:
+        off = set(LEVERS) if variant == "none" else set(variant.split(":", 1)[1].split("+")) \
+            if variant.startswith("off:") else set()
+        if variant.startswith("on:"):  # switch on levers that are off by default
+            off = {f"on_{v}" for v in variant.split(":", 1)[1].split("+")}
+        unknown = off - set(LEVERS)
+        if unknown:
+            raise SystemExit(f"unknown lever(s) {sorted(unknown)}; choose from {', '.join(LEVERS)}")
+        result = one_run(args, variant, off, model_name, rate, args.gpus)
+        if int(os.environ.get("LOCAL_RANK", "0")) != 0:
+            Path(args.workdir, f"phases_{variant}.rank{os.environ['LOCAL_RANK']}.json").write_text(json.dumps(result))
+            continue
+        results.append(result)
+        lines += report(result, rate)
+        print("\n".join(report(result, rate)), flush=True)
+    if int(os.environ.get("LOCAL_RANK", "0")) != 0:
+        return
+    if args.gpus > 1:  # the other ranks' phases, once they have written them
+        deadline = time.time() + 120
+        for variant in args.variants:
+            for rank in range(1, args.gpus):
+                path = Path(args.workdir, f"phases_{variant}.rank{rank}.json")
+                while not path.exists() and time.time() < deadline:
+                    time.sleep(0.5)
+                if path.exists():
+                    other = json.loads(path.read_text())
+                    lines.append(f"    rank {rank}: " + "  ".join(f"{k} {v:.2f} s" for k, v in other["phases"].items())
+                                 + (f"; GPU busy {other['busy']:.0%}" if other.get("busy") is not None else ""))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+    head = (f"model {args.config or args.model} ({args.dtype}), {args.questions} questions ({args.data}), "
+            f"T <= {args.max_new_tokens}, scores {', '.join(results[0]['metrics'])} x {len(results[0]['levels'])} levels, "
+            f"{args.gpus} device(s); imports {IMPORT_S:.1f} s")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    record(f"End to end: {Path(args.config or args.model).name}, {args.dtype}, {machine(device).split(',')[0]}",
+           [head] + lines, device, args.no_record)
+
+
+if __name__ == "__main__":
+    main()
