@@ -333,7 +333,7 @@ def panels_plot(runs: list[RunData], cells: dict) -> bytes:
             mine = sorted((k, c) for k, c in cells.items() if k[:2] == (dataset, model))
             if not mine:
                 continue
-            curves = [Curve(c.run.metrics[c.m], *c.run.curve(c.m)) for _, c in mine]
+            curves = sorted((Curve(c.run.metrics[c.m], *c.run.curve(c.m)) for _, c in mine), key=lambda c: c.series)
             samples = sorted({len(c.run.samples) for _, c in mine})
             panels.append((f"{model} on {dataset} ({'/'.join(map(str, samples))} samples)", curves))
     return _png(curves_figure(panels, columns=min(len(datasets), 3)))
@@ -371,6 +371,9 @@ def heatmap_plot(run: RunData, metric: str | None, level: float) -> tuple[bytes,
     ax.set(yticks=[0, 1], yticklabels=["heads", "neurons"], xlabel="layer",
            title=f"kept fraction per layer: {metric}, p = {level}")
     ax.title.set_fontsize(9)
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.colorbar(image, ax=ax, fraction=0.03)
     fig.tight_layout()
     return _png(fig), caption
@@ -624,7 +627,8 @@ window.addEventListener("load", () => {{
   const images = [...document.images];
   document.body.dataset.imagesLoaded = images.filter(i => i.complete && i.naturalWidth > 0).length;
   document.body.dataset.images = images.length;
-  const box = e => {{ const r = e.getBoundingClientRect(); return [Math.round(r.top + window.scrollY), Math.round(r.height)]; }};
+  const box = e => {{ const r = e.getBoundingClientRect();
+    return [Math.round(r.top + window.scrollY), Math.round(r.height), e.checkVisibility ? e.checkVisibility() : null]; }};
   const layout = {{}};
   for (const id of ["matrix", "curves", "headroom", "details-headline", "headline", "details-task", "task"]) {{
     const element = document.getElementById(id);
