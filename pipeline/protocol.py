@@ -19,7 +19,7 @@ from pipeline.masking.static import threshold_masks
 from pipeline.measures import bleu_vs_dense, task_score, token_agreement
 from pipeline.models.adapters import UnitLayout
 from pipeline.models.prompts import answer_length, prompt_ids
-from pipeline.results.summary import IOU_FIELD, ORACLE, series_name
+from pipeline.results.summary import IOU_FIELD, ORACLE, iou_reference, series_name
 from pipeline.scores.attribution import attribute_batch
 from pipeline.scores.metrics import SCORES
 
@@ -164,23 +164,25 @@ def mask_iou(keep: torch.Tensor, other: torch.Tensor) -> float | None:
 
 
 def oracle_overlap(head_keep, neuron_keep, rows, steps) -> list[dict | None]:
-    """Per row: for a label-free score's row, the mask IoU (``mask_iou``, heads and neurons) with
-    every ``ORACLE`` row of the same requested level, keyed by the oracle's series name, over the
-    steps the label-free row decoded; None for other rows and when the run has no oracle rows.
+    """Per row: for a label-free score's row, ``{oracle series: {"heads": IoU, "neurons": IoU}}``
+    (``mask_iou``) with the ``ORACLE`` row of the same requested level under the same allocation
+    (``iou_reference``), over the steps the label-free row decoded; None for other rows and when
+    the run lacks that oracle row.
 
     Done here because all masks of a sample are in memory (a few boolean ops per pair); records
     keep only per-layer kept fractions, and recomputing masks from saved raw scores would need
     ``save_scores`` (large files) and a second copy of the allocation step (calibrated levels,
     static thresholds, dense first step).
     """
-    oracle = [(i, variant, level) for i, (variant, level) in enumerate(rows) if variant[0] == ORACLE]
+    index = {(series_name(*variant), level): i for i, (variant, level) in enumerate(rows) if variant[0] == ORACLE}
     found: list[dict | None] = []
-    for i, ((metric, *_), level) in enumerate(rows):
-        if not oracle or not SCORES[metric].label_free:
+    for i, ((metric, allocation, normalize), level) in enumerate(rows):
+        reference = iou_reference(allocation, normalize)
+        j = index.get((reference, level))
+        if j is None or not SCORES[metric].label_free:
             found.append(None)
             continue
         n = steps[i]
-        found.append({series_name(*variant): {"heads": mask_iou(head_keep[i, :n], head_keep[j, :n]),
-                                              "neurons": mask_iou(neuron_keep[i, :n], neuron_keep[j, :n])}
-                      for j, variant, other_level in oracle if other_level == level})
+        found.append({reference: {"heads": mask_iou(head_keep[i, :n], head_keep[j, :n]),
+                                  "neurons": mask_iou(neuron_keep[i, :n], neuron_keep[j, :n])}})
     return found

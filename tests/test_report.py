@@ -118,8 +118,9 @@ def _iou_by_hand(off, other_off):
 
 
 def test_records_carry_mask_iou_with_the_oracle_equal_to_masks_from_saved_scores(two_runs):
-    """The per-record IoU against cor_gxo, recomputed from the run's saved raw scores with masks
-    built by hand (per_layer and global/mean), for every label-free record at levels 0.3 and 0.6."""
+    """The per-record IoU against cor_gxo under the same allocation, recomputed from the run's saved
+    raw scores with masks built by hand (per_layer and global/mean), for every label-free record at
+    levels 0.3 and 0.6."""
     import json
 
     from pipeline import load_scores
@@ -131,20 +132,20 @@ def test_records_carry_mask_iou_with_the_oracle_equal_to_masks_from_saved_scores
             if record["metric"] in ("cor_gxo",):
                 assert "iou_cor_gxo" not in record  # oracle rows are left as they were
                 continue
-            assert set(record["iou_cor_gxo"]) == {"cor_gxo", "cor_gxo/global/mean"}
+            normalize = record["normalize"]
+            reference = "cor_gxo/global/mean" if normalize else "cor_gxo"  # the same allocation only
+            assert set(record["iou_cor_gxo"]) == {reference}
             if record["level"] not in (0.3, 0.6):
                 continue
             scores = load_scores(run_dir, record["sample_id"])
             steps = max(1, record["n_tokens"])
-            normalize = record["normalize"]
-            for reference, other_normalize in (("cor_gxo", None), ("cor_gxo/global/mean", "mean")):
-                for kind in ("heads", "neurons"):
-                    mine = _masks_by_hand(getattr(scores[record["metric"]], kind)[:steps], record["level"], normalize)
-                    oracle = _masks_by_hand(getattr(scores["cor_gxo"], kind)[:steps], record["level"], other_normalize)
-                    expected = _iou_by_hand(mine, oracle)
-                    assert record["iou_cor_gxo"][reference][kind] == pytest.approx(expected, abs=1e-4)
-                    checked += 1
-    assert checked == 2 * 2 * 2 * 2 * 2 * (4 + 3)  # scores x allocations x levels x references x kinds x samples
+            for kind in ("heads", "neurons"):
+                mine = _masks_by_hand(getattr(scores[record["metric"]], kind)[:steps], record["level"], normalize)
+                oracle = _masks_by_hand(getattr(scores["cor_gxo"], kind)[:steps], record["level"], normalize)
+                expected = _iou_by_hand(mine, oracle)
+                assert record["iou_cor_gxo"][reference][kind] == pytest.approx(expected, abs=1e-4)
+                checked += 1
+    assert checked == 2 * 2 * 2 * 2 * (4 + 3)  # scores x allocations x levels x kinds x samples
 
 
 def test_mask_iou_of_known_masks():
@@ -163,16 +164,21 @@ def test_mask_iou_of_known_masks():
     assert mask_iou(keep, keep) == 1.0
     assert mask_iou(torch.ones(2, 3, 4, dtype=torch.bool), torch.ones(2, 3, 4, dtype=torch.bool)) is None
 
-    # rows: which rows get an overlap, against which oracle rows, over which steps
+    # rows: which rows get an overlap, against which oracle row (same level, same allocation;
+    # calibrated: per_layer), over which steps
     rows = [(("magnitude", "per_layer", None), 0.5), (("magnitude", "per_layer", None), 0.8),
-            (("cor_gxo", "per_layer", None), 0.5), (("cor_gxo", "global", "mean"), 0.5), (("snip", "per_layer", None), 0.5)]
-    heads = torch.stack([keep, keep, other, keep, other])
-    neurons = torch.stack([keep, keep, keep, other, other])
-    found = oracle_overlap(heads, neurons, rows, steps=[1, 2, 2, 2, 2])
+            (("cor_gxo", "per_layer", None), 0.5), (("cor_gxo", "global", "mean"), 0.5), (("snip", "per_layer", None), 0.5),
+            (("wina", "global", "mean"), 0.5), (("wina", "calibrated", None), 0.5), (("wina", "global", "rank"), 0.5)]
+    heads = torch.stack([keep, keep, other, keep, other, other, keep, keep])
+    neurons = torch.stack([keep, keep, keep, other, other, keep, keep, keep])
+    found = oracle_overlap(heads, neurons, rows, steps=[1, 2, 2, 2, 2, 2, 2, 2])
     assert found[2] is None and found[3] is None and found[4] is None  # oracle rows and other oracles
-    assert found[1] == {}  # no oracle row at 0.8
-    assert found[0] == {"cor_gxo": {"heads": pytest.approx(0.6667, abs=1e-4), "neurons": 1.0},  # step 0 only
-                        "cor_gxo/global/mean": {"heads": 1.0, "neurons": pytest.approx(0.6667, abs=1e-4)}}
+    assert found[1] is None and found[7] is None  # no cor_gxo row at 0.8, none under global/rank
+    both_steps = pytest.approx((1 / 3 + 1 + 0) / 3, abs=1e-4)  # keep against other, as above
+    step_zero = pytest.approx((1 / 3 + 1) / 2, abs=1e-4)  # step 0 only: layers 0 and 2
+    assert found[0] == {"cor_gxo": {"heads": step_zero, "neurons": 1.0}}
+    assert found[5] == {"cor_gxo/global/mean": {"heads": both_steps, "neurons": both_steps}}
+    assert found[6] == {"cor_gxo": {"heads": both_steps, "neurons": 1.0}}  # calibrated: against per_layer
     assert oracle_overlap(heads[[0, 4]], neurons[[0, 4]], [rows[0], rows[4]], [2, 2]) == [None, None]  # no cor_gxo
 
 
@@ -391,7 +397,8 @@ def test_matrix_and_headroom_numbers_against_a_computation_by_hand(tmp_path, cap
     row = re.search(r'<tr data-model="tiny" data-allocation="global/mean">(.*?)</tr>', matrix).group(1)
     assert 'data-metric="snip">–' in row and 'data-metric="wina">–' in row
 
-    # headroom: against cor_gxo's best allocation, here global/mean
+    # headroom: the fraction of cor_gxo's best allocation (here global/mean), the overlap with
+    # cor_gxo under the row's own allocation (the records carry both to tell them apart)
     reference = max(("per_layer", "global/mean"), key=lambda a: point["cor_gxo", a])
     assert reference == "global/mean"
     rows = re.findall(r'<tr class="headroom-row" ([^>]*)>', page)
@@ -402,7 +409,8 @@ def test_matrix_and_headroom_numbers_against_a_computation_by_hand(tmp_path, cap
         assert float(found["fraction"]) == pytest.approx(point[key] / point["cor_gxo", reference], abs=1e-6)
         for level, name in ((0.5, "iou-05"), (0.8, "iou-08")):
             allocation, normalize = (key[1], None) if key[1] == "per_layer" else key[1].split("/")
-            chosen = [r["iou_cor_gxo"]["cor_gxo/global/mean"] for r in records if r["level"] == level
+            same = "cor_gxo" if normalize is None else f"cor_gxo/global/{normalize}"  # the same allocation's oracle
+            chosen = [r["iou_cor_gxo"][same] for r in records if r["level"] == level
                       and (r["metric"], r["allocation"], r["normalize"]) == (key[0], allocation, normalize)]
             heads, neurons = map(float, found[name].split(","))
             assert heads == pytest.approx(sum(c["heads"] for c in chosen) / len(chosen), abs=1e-6)

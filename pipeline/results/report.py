@@ -11,7 +11,7 @@ and which allocation, and how much of the oracle's headroom does a deployable sc
    the same drawing as a run's ``curves.png``): scores as colours, allocations as line styles.
 3. **Oracle headroom**: per deployable score and allocation, its max sparsity as a fraction
    of the oracle's (``ORACLE``, cor_gxo) under the oracle's best allocation, and the mask
-   overlap with that oracle series at levels 0.5 and 0.8.
+   overlap with the oracle under the same allocation at levels 0.5 and 0.8.
 4. Per run, the kept fraction per layer (a global or calibrated series by default: under
    per_layer every layer keeps floor(p*n)/n by construction) and the run's metadata.
 5. Collapsed (``<details>``): the long per-series table and fidelity/task scores at fixed levels.
@@ -19,10 +19,16 @@ and which allocation, and how much of the oracle's headroom does a deployable sc
 **How the overlap is computed.** Records keep per-layer kept *fractions*, not masks, and two
 masks with equal fractions can be disjoint, so IoU needs the masks. protocol.py has all masks
 of a sample in memory: for every label-free row of a run that also evaluates the oracle it
-stores ``iou_cor_gxo`` = {oracle series at the same requested level: {heads, neurons}}, the
-IoU of the two switched-off sets per (token, layer) averaged over the decoded steps and layers
-(pairs where neither switches anything off do not count). That costs a few boolean
-operations per pair and no extra files; the alternative, recomputing masks here from
+stores ``iou_cor_gxo`` = {oracle series: {heads, neurons}}, the IoU of the two switched-off
+sets per (token, layer) averaged over the decoded steps and layers (pairs where neither
+switches anything off do not count), against the oracle at the same requested level under
+the same allocation and normalisation (``summary.iou_reference``; calibrated: per_layer).
+Same allocation, not the oracle's best one: the best is known only after all samples, and a
+row compared with other allocations' rows would change when allocations are added to a run
+(per_layer records stay those of a per_layer-only run); the overlap then says whether the
+score picks the oracle's units, while the fraction column says what the allocation costs.
+It takes a few boolean operations per pair (about 5 ms for SmolLM2's 30 x 1536 neurons x 64
+steps, one thread) and no extra files; the alternative, recomputing masks here from
 ``--protocol.save_scores`` files, needs those (large) files in every published run and a
 second copy of the allocation step (calibrated levels, static thresholds, dense first step)
 that could drift from the one that made the records. The report averages the field over
@@ -50,7 +56,14 @@ import numpy as np
 from pipeline.errors import UserError
 from pipeline.results.plot import Curve, curves_figure, is_label_free, split_series
 from pipeline.results.store import RUN_INFO, atomic_write_text, read_records
-from pipeline.results.summary import IOU_FIELD, LOSS_LABEL, ORACLE, max_sparsity_within_loss, record_series
+from pipeline.results.summary import (
+    IOU_FIELD,
+    LOSS_LABEL,
+    ORACLE,
+    iou_reference,
+    max_sparsity_within_loss,
+    record_series,
+)
 from pipeline.scores.metrics import SCORES
 
 BOOTSTRAP = 1000
@@ -183,10 +196,11 @@ class RunData:
             return None
         return nearest, np.mean([r["kept_heads"] for r in rows], 0), np.mean([r["kept_neurons"] for r in rows], 0)
 
-    def iou(self, series: str, level: float, reference: str) -> tuple[float | None, float | None, int] | None:
-        """Mean mask IoU (heads, neurons) of ``series`` with the oracle series ``reference`` at the
-        requested ``level``, over the samples whose record has it (protocol.py's ``IOU_FIELD``),
-        and that count; None if no record has it."""
+    def iou(self, series: str, level: float) -> tuple[float | None, float | None, int] | None:
+        """Mean mask IoU (heads, neurons) of ``series`` with its oracle series (``iou_reference``)
+        at the requested ``level``, over the samples whose record has it (protocol.py's
+        ``IOU_FIELD``), and that count; None if no record has it."""
+        reference = iou_reference(*(split_series(series)[1].split("/") + [None])[:2])
         values = [r[IOU_FIELD][reference] for r in self.records
                   if record_series(r) == series and abs(r["level"] - level) < 1e-6 and reference in r.get(IOU_FIELD, {})]
         if not values:
@@ -254,11 +268,11 @@ class Headroom:
     metric: str
     allocation: str
     cell: Cell
-    reference: str  # the oracle's best series, e.g. cor_gxo or cor_gxo/global/mean
+    reference: str  # the oracle's best series, e.g. cor_gxo or cor_gxo/global/mean (for the fraction)
     reference_cell: Cell
     fraction: float | None
     fraction_interval: tuple[float, float] | None  # paired bootstrap, when both come from one run
-    iou: dict[float, tuple | None] = field(default_factory=dict)  # level -> (heads, neurons, samples)
+    iou: dict[float, tuple | None] = field(default_factory=dict)  # level -> (heads, neurons, samples), same allocation
 
 
 def headroom(cells: dict) -> list[Headroom]:
@@ -286,7 +300,7 @@ def headroom(cells: dict) -> list[Headroom]:
                 if np.isfinite(ratios).any():
                     interval = tuple(np.nanpercentile(ratios, [2.5, 97.5]).tolist())
             series = cell.run.metrics[cell.m]
-            iou = {level: cell.run.iou(series, level, reference_series) for level in IOU_LEVELS}
+            iou = {level: cell.run.iou(series, level) for level in IOU_LEVELS}
             rows.append(Headroom(dataset, model, metric, allocation, cell, reference_series, reference, fraction,
                                  interval, iou))
     return rows
@@ -448,7 +462,7 @@ def matrix_md(matrix: Matrix) -> list[str]:
 
 HEADROOM_COLUMNS = (["dataset", "model", "score", "allocation", f"max sparsity within {LOSS_LABEL} [95%]",
                      f"{ORACLE} best allocation", f"fraction of {ORACLE} [95%]"]
-                    + [f"IoU with {ORACLE} at p = {level} (heads / neurons)" for level in IOU_LEVELS])
+                    + [f"IoU with {ORACLE} (same allocation) at p = {level}, heads / neurons" for level in IOU_LEVELS])
 
 
 def headroom_cells(row: Headroom) -> list[str]:
@@ -534,9 +548,10 @@ def write_report(paths: list[str], output: str | None, heatmap_metric: str | Non
            "Colour: score (hollow markers: label-free); line style: allocation; dotted grey: "
            f"{LOSS_LABEL} loss.", "", "## Oracle headroom", ""]
     headroom_note = (f"Per deployable score and allocation: its max sparsity within {LOSS_LABEL} loss as a fraction of "
-                     f"{ORACLE}'s under {ORACLE}'s best allocation, and the IoU of the switched-off sets with that "
-                     f"{ORACLE} series' masks at the same level, per layer and token, averaged over layers, tokens "
-                     "and samples (heads / neurons; n/a: the run did not evaluate both).")
+                     f"{ORACLE}'s under {ORACLE}'s best allocation (paired 95% interval when both come from one run), "
+                     f"and the IoU of its switched-off units with {ORACLE}'s under the same allocation (calibrated: "
+                     "per_layer) at the same level, per layer and token, averaged over layers, tokens and samples "
+                     "(heads / neurons; n/a: the run did not evaluate both, or not at that level).")
     md += [headroom_note, ""] + headroom_md(found_headroom) + ["## Per run: kept fraction per layer", ""]
 
     sections = []

@@ -35,6 +35,13 @@ def series_name(metric: str, allocation: str | None = "per_layer", normalize: st
     return "/".join([metric, allocation] + ([normalize] if normalize else []))
 
 
+def iou_reference(allocation: str | None, normalize: str | None) -> str:
+    """The ORACLE series a label-free series' masks are compared with: the oracle under the same
+    allocation and normalisation, or per_layer for ``calibrated`` (the oracle has no calibrated
+    levels). Never another allocation, so adding allocations to a run leaves its rows unchanged."""
+    return series_name(ORACLE, "per_layer") if allocation == "calibrated" else series_name(ORACLE, allocation, normalize)
+
+
 def record_series(record: dict) -> str:
     return series_name(record["metric"], record.get("allocation"), record.get("normalize"))
 
