@@ -53,15 +53,17 @@ def sweep(
     run_sweep(models, datasets, protocol, run, root, slurm)
 
 
-def report(runs: list[str] | str, output: str | None = None, heatmap_metric: str = "static", heatmap_level: float = 0.5) -> None:
+def report(runs: list[str] | str, output: str | None = None, heatmap_metric: str | None = None,
+           heatmap_level: float = 0.5) -> None:
     """Summarise run directories (or sweep roots) in one report.html and report.md.
 
     Args:
         runs: A run directory, a directory of runs (a sweep root), or a list of them.
         output: Directory for report.html and report.md (default: the first argument).
-        heatmap_metric: Score whose per-layer kept fractions the heatmap shows (a run without it
-            shows its first score). Default static: its thresholds are calibrated per layer, while
-            the top-k scores keep the same fraction of every layer by construction.
+        heatmap_metric: Series whose per-layer kept fractions the heatmap shows (e.g. static,
+            cor_gxo/global/mean). Default (and for a run without it): a calibrated series, else a
+            global one, else static, else the run's first: per_layer top-k scores keep the same
+            fraction of every layer by construction.
         heatmap_level: Sparsity level the heatmap shows.
     """
     from pipeline.results.report import write_report

@@ -19,6 +19,7 @@ from pipeline.masking.static import threshold_masks
 from pipeline.measures import bleu_vs_dense, task_score, token_agreement
 from pipeline.models.adapters import UnitLayout
 from pipeline.models.prompts import answer_length, prompt_ids
+from pipeline.results.summary import IOU_FIELD, ORACLE, iou_reference, series_name
 from pipeline.scores.attribution import attribute_batch
 from pipeline.scores.metrics import SCORES
 
@@ -172,6 +173,8 @@ def _records(tokenizer, sample, dense, stats: RowStats, outputs, protocol, task)
     kept_heads, kept_neurons = stats.kept_heads.tolist(), stats.kept_neurons.tolist()
     records = []
     rows = [(v, p) for v in protocol.variants() for p in protocol.levels]
+    steps = [max(1, len(tokens)) for tokens in outputs]
+    overlaps = oracle_overlap(head_keep, neuron_keep, rows, steps)
     for row, (((metric, allocation, normalize), level), tokens) in enumerate(zip(rows, outputs)):
         text = decode(tokens)
         records.append({
@@ -197,4 +200,42 @@ def _records(tokenizer, sample, dense, stats: RowStats, outputs, protocol, task)
             "allocation": allocation,
             "normalize": normalize,
         })
+        if overlaps[row] is not None:  # label-free rows of runs that evaluate the oracle too
+            records[-1][IOU_FIELD] = overlaps[row]
     return records
+
+
+def mask_iou(keep: torch.Tensor, other: torch.Tensor) -> float | None:
+    """IoU of the switched-off sets of two keep masks ``[T, layers, units]``, per (token, layer),
+    averaged over the (token, layer) pairs where either switches something off (None if none does)."""
+    off, other_off = ~keep, ~other
+    union = (off | other_off).sum(-1)
+    valid = union > 0
+    if not valid.any():
+        return None
+    return round(((off & other_off).sum(-1)[valid] / union[valid]).mean().item(), 4)
+
+
+def oracle_overlap(head_keep, neuron_keep, rows, steps) -> list[dict | None]:
+    """Per row: for a label-free score's row, ``{oracle series: {"heads": IoU, "neurons": IoU}}``
+    (``mask_iou``) with the ``ORACLE`` row of the same requested level under the same allocation
+    (``iou_reference``), over the steps the label-free row decoded; None for other rows and when
+    the run lacks that oracle row.
+
+    Done here because all masks of a sample are in memory (a few boolean ops per pair); records
+    keep only per-layer kept fractions, and recomputing masks from saved raw scores would need
+    ``save_scores`` (large files) and a second copy of the allocation step (calibrated levels,
+    static thresholds, dense first step).
+    """
+    index = {(series_name(*variant), level): i for i, (variant, level) in enumerate(rows) if variant[0] == ORACLE}
+    found: list[dict | None] = []
+    for i, ((metric, allocation, normalize), level) in enumerate(rows):
+        reference = iou_reference(allocation, normalize)
+        j = index.get((reference, level))
+        if j is None or not SCORES[metric].label_free:
+            found.append(None)
+            continue
+        n = steps[i]
+        found.append({reference: {"heads": mask_iou(head_keep[i, :n], head_keep[j, :n]),
+                                  "neurons": mask_iou(neuron_keep[i, :n], neuron_keep[j, :n])}})
+    return found

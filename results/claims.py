@@ -9,7 +9,8 @@ level 0.5. Run from the repository root: python results/claims.py
 from pathlib import Path
 
 from pipeline.errors import UserError
-from pipeline.results.report import RunData, find_runs
+from pipeline.results.report import RunData, find_runs, text_report
+from pipeline.results.summary import LOSS_LABEL
 
 ROOT = Path(__file__).resolve().parent
 
@@ -34,7 +35,7 @@ def main() -> None:
             level = run.at_level(m, 0.5)
             cell[metric] = {"headline": run.headline(m), "samples": len(run.samples), "at_half": level,
                             "where": run_dir.parent.name}
-    print("| model | dataset | score | questions | max sparsity within 5% loss [95%] "
+    print(f"| model | dataset | score | questions | max sparsity within {LOSS_LABEL} loss [95%] "
           "| at p=0.5: achieved sparsity, BLEU vs dense [95%], task score [95%] (dense) |")
     print("|---|---|---|---|---|---|")
     for (model, dataset), cell in sorted(cells.items()):
@@ -44,6 +45,10 @@ def main() -> None:
                        f"{fmt(*half['task'], digits=1)} ({half['dense_task'][0]:.1f})") if half else "-"
             gpu = " (GPU)" if row["where"] == "paper_ig" else ""
             print(f"| {model} | {dataset} | {metric}{gpu} | {row['samples']} | {fmt(*row['headline'])} | {at_half} |")
+    # scores x allocations (README "How sparse can these SLMs get?"): the report's matrix and headroom table
+    if any((ROOT / "allocation").glob("*/run.json")):
+        print()
+        print(text_report([str(ROOT / "allocation")]))
 
 
 if __name__ == "__main__":
