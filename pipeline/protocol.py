@@ -44,6 +44,7 @@ class RowStats:
     sparsity: torch.Tensor
     kept_heads: torch.Tensor
     kept_neurons: torch.Tensor
+    overlaps: list  # per row, the mask IoU with the oracle's row (``oracle_overlap``) or None
 
 
 @dataclass
@@ -107,7 +108,8 @@ def decode_batch(model, tokenizer, layout: UnitLayout, samples: list[Sample], te
     # Keep masks [rows = metrics x allocations x levels, T, layers, units] per sample; every row decodes.
     keeps = [_keep_masks(sample_scores, protocol, thresholds, layer_levels) for sample_scores in scores]
     outputs = masked_after_dense_batch(model, dense, [h for h, _ in keeps], [n for _, n in keeps], stop_ids)
-    stats = [_row_stats(layout, head_keep, neuron_keep, rows) for (head_keep, neuron_keep), rows in zip(keeps, outputs)]
+    stats = [_row_stats(layout, head_keep, neuron_keep, rows, protocol)
+             for (head_keep, neuron_keep), rows in zip(keeps, outputs)]
     raw = {s.id: sc for s, sc in zip(samples, scores)} if protocol.save_scores else {}
     return DecodedBatch(samples, [d.tokens for d in dense], outputs, stats, raw)
 
@@ -146,8 +148,9 @@ def _keep_masks(scores, protocol: ProtocolConfig, thresholds, layer_levels=None)
     return head_keep, neuron_keep
 
 
-def _row_stats(layout, head_keep: torch.Tensor, neuron_keep: torch.Tensor, outputs) -> RowStats:
-    """Each row's sparsity per step and kept fractions per layer over its decoded steps.
+def _row_stats(layout, head_keep: torch.Tensor, neuron_keep: torch.Tensor, outputs, protocol) -> RowStats:
+    """Each row's sparsity per step, kept fractions per layer over its decoded steps, and mask
+    overlap with the oracle.
 
     Computed where the masks are (counts, not the masks, come to the CPU).
     """
@@ -159,7 +162,10 @@ def _row_stats(layout, head_keep: torch.Tensor, neuron_keep: torch.Tensor, outpu
         counts = keep.sum(-1).cumsum(1)[rows, steps - 1]
         return (counts.float() / (steps * keep.shape[-1]).float()[:, None]).cpu()
 
-    return RowStats(achieved_sparsity(head_keep, neuron_keep, layout).cpu(), kept(head_keep), kept(neuron_keep))
+    variants = [(v, p) for v in protocol.variants() for p in protocol.levels]
+    overlaps = oracle_overlap(head_keep, neuron_keep, variants, steps.tolist())
+    return RowStats(achieved_sparsity(head_keep, neuron_keep, layout).cpu(), kept(head_keep), kept(neuron_keep),
+                    overlaps)
 
 
 def _rounded(values: list[float]) -> list[float]:
@@ -173,8 +179,7 @@ def _records(tokenizer, sample, dense, stats: RowStats, outputs, protocol, task)
     kept_heads, kept_neurons = stats.kept_heads.tolist(), stats.kept_neurons.tolist()
     records = []
     rows = [(v, p) for v in protocol.variants() for p in protocol.levels]
-    steps = [max(1, len(tokens)) for tokens in outputs]
-    overlaps = oracle_overlap(head_keep, neuron_keep, rows, steps)
+    overlaps = stats.overlaps
     for row, (((metric, allocation, normalize), level), tokens) in enumerate(zip(rows, outputs)):
         text = decode(tokens)
         records.append({
