@@ -13,9 +13,9 @@ Library entry points:
 * ``evaluate(...)``: a whole run, as ``sparseact run`` does it.
 """
 
-from pipeline.masking.allocation import allocate
-from pipeline.masking.generation import masked_generate
-from pipeline.masking.masks import achieved_sparsity, keep_masks
+from pipeline.masks.allocation import allocate
+from pipeline.decoding.generation import masked_generate
+from pipeline.masks.masks import achieved_sparsity, keep_masks
 from pipeline.models.adapters import ADAPTERS, layout_for
 from pipeline.scores.attribution import UnitScores, attribute
 from pipeline.scores.metrics import DEFAULT_METRICS, METRICS, SCORES

@@ -12,10 +12,10 @@ import torch
 
 from pipeline.config import ProtocolConfig
 from pipeline.data.sources import Sample
-from pipeline.masking.generation import dense_generate_batch, masked_after_dense_batch
-from pipeline.masking.allocation import allocate
-from pipeline.masking.masks import achieved_sparsity
-from pipeline.masking.static import threshold_masks
+from pipeline.decoding.generation import dense_generate_batch, masked_after_dense_batch
+from pipeline.masks.allocation import allocate
+from pipeline.masks.masks import achieved_sparsity
+from pipeline.masks.static import threshold_masks
 from pipeline.measures import bleu_vs_dense, task_score, token_agreement
 from pipeline.models.adapters import UnitLayout
 from pipeline.models.prompts import answer_length, prompt_ids

@@ -5,8 +5,8 @@ import torch
 from conftest import ARCHITECTURES, tiny_model
 
 from pipeline.errors import UserError
-from pipeline.masking.hooks import StepMasks, hooks_for
-from pipeline.masking.generation import masked_generate
+from pipeline.hooks import StepMasks, hooks_for
+from pipeline.decoding.generation import masked_generate
 from pipeline.models.adapters import layout_for, zero_head_weights, zero_neuron_weights
 
 

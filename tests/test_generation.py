@@ -4,7 +4,7 @@ import pytest
 import torch
 from conftest import tiny_model
 
-from pipeline.masking.generation import greedy_generate, masked_generate
+from pipeline.decoding.generation import greedy_generate, masked_generate
 from pipeline.models.adapters import layout_for
 
 
@@ -70,7 +70,7 @@ def test_batched_samples_equal_recomputation(arch):
     """Several samples' dense runs and masked rows decoded together (left padding, rows leaving the
     batch at their sample's length, dense leading steps and all-dense rows taken from the dense run)
     equal a from-scratch recomputation of each row on its own."""
-    from pipeline.masking.generation import dense_generate_batch, masked_after_dense_batch
+    from pipeline.decoding.generation import dense_generate_batch, masked_after_dense_batch
 
     model = tiny_model(arch)
     layout = layout_for(model)

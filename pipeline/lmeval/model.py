@@ -20,9 +20,9 @@ from tqdm import tqdm
 
 from pipeline.errors import UserError
 from pipeline.lmeval import MODEL_NAME
-from pipeline.masking.generation import DenseRun, masked_after_dense_batch
-from pipeline.masking.hooks import HEADS, hooks_for
-from pipeline.masking.masks import keep_masks
+from pipeline.decoding.generation import DenseRun, masked_after_dense_batch
+from pipeline.hooks import HEADS, hooks_for
+from pipeline.masks.masks import keep_masks
 from pipeline.models.loading import DTYPES
 from pipeline.models.prompts import stop_token_ids
 from pipeline.scores.attribution import attribute_batch

@@ -7,7 +7,7 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.callbacks import BasePredictionWriter
 
-from pipeline.masking.hooks import hooks_for
+from pipeline.hooks import hooks_for
 from pipeline.results.raw_scores import save_scores
 from pipeline.results.store import RECORDS, append_records
 

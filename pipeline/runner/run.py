@@ -20,8 +20,8 @@ from pipeline.data.datamodule import SampleDataModule
 from pipeline.data.sources import Sample, content_digest, dataset_name, load_samples
 from pipeline.errors import UserError
 from pipeline.models.adapters import layout_for
-from pipeline.masking.levels_file import levels_for_run
-from pipeline.masking.static import calibrate
+from pipeline.masks.levels_file import levels_for_run
+from pipeline.masks.static import calibrate
 from pipeline.models.loading import LoadedModel, load_model
 from pipeline.models.prompts import answer_length, prompt_ids, resolve_template, stop_token_ids
 from pipeline.results.plot import plot_curves

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from pipeline.masking.hooks import HEADS, NEURONS, Probe, hooks_for
+from pipeline.hooks import HEADS, NEURONS, Probe, hooks_for
 from pipeline.scores.exact_attention import exact_attention, forget_recorded
 from pipeline.models.adapters import output_weights
 from pipeline.models.inputs import forward_arguments, pad, position_ids, with_cache

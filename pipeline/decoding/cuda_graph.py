@@ -19,7 +19,7 @@ import warnings
 
 import torch
 
-from pipeline.masking.hooks import StepMasks, hooks_for
+from pipeline.hooks import StepMasks, hooks_for
 from pipeline.models.inputs import with_cache
 
 _POOL = None  # one memory pool shared by all captured graphs

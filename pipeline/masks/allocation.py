@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.masking.masks import keep_masks, units_off
+from pipeline.masks.masks import keep_masks, units_off
 
 ALLOCATIONS = {
     "per_layer": "floor(p*n) lowest units of every layer, per token (the paper's rule)",

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from pipeline.masking.masks import keep_masks, units_off
+from pipeline.masks.masks import keep_masks, units_off
 from pipeline.models.adapters import UnitLayout
 from pipeline.models.inputs import with_cache
 
@@ -298,7 +298,7 @@ def search(rows: CalibrationRows, layout: UnitLayout, heads: torch.Tensor, neuro
 def calibrate_levels(model, tokenizer, template: str, samples, metrics: list[str], layout: UnitLayout,
                      max_new_tokens: int, stop_ids: list[int], step: float) -> dict:
     """The levels document (``levels_file.LEVELS_FILE``) of every score in ``metrics``, from the calibration ``samples``."""
-    from pipeline.masking.generation import dense_generate_batch
+    from pipeline.decoding.generation import dense_generate_batch
     from pipeline.models.prompts import answer_length, prompt_ids
     from pipeline.scores.attribution import attribute_batch
 

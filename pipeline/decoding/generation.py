@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from pipeline.masking.cuda_graph import CHECK_EVERY, decode_captured, graphs_enabled
-from pipeline.masking.hooks import StepMasks, hooks_for
+from pipeline.decoding.cuda_graph import CHECK_EVERY, decode_captured, graphs_enabled
+from pipeline.hooks import StepMasks, hooks_for
 from pipeline.models.inputs import pad, position_ids, with_cache
 
 
