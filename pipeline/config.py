@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 
 from pipeline.errors import UserError
 from pipeline.measures.task import TASK_MEASURES
-from pipeline.masks.allocation import ALLOCATIONS, NORMALIZATIONS
+from pipeline.masks import ALLOCATIONS, NORMALIZATIONS
 from pipeline.scores.metrics import DEFAULT_METRICS, SCORES, describe
 
 

@@ -23,7 +23,8 @@ from pipeline.hooks import HEADS, NEURONS, Probe, hooks_for
 from pipeline.scores.exact_attention import exact_attention, forget_recorded
 from pipeline.models.adapters import output_weights
 from pipeline.models.inputs import forward_arguments, pad, position_ids, with_cache
-from pipeline.scores.metrics import DEFAULT_METRICS, SCORES, Terms, neuron_score_set
+from pipeline.scores.formulas import Terms
+from pipeline.scores.metrics import DEFAULT_METRICS, SCORES, neuron_score_set
 
 IGNORE = -100
 SPLIT_PREFIX_ON = {"cpu"}  # device types where the prompt prefix runs without autograd (see below)
