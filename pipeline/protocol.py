@@ -12,6 +12,7 @@ import torch
 
 from pipeline.config import ProtocolConfig
 from pipeline.data.sources import Sample
+from pipeline.hooks import UnitHooks
 from pipeline.decoding.generation import dense_generate_batch, masked_after_dense_batch
 from pipeline.masks.allocation import allocate
 from pipeline.masks.masks import achieved_sparsity
@@ -42,11 +43,14 @@ def evaluate_batch(
     stop_ids: list[int],
     thresholds: dict | None = None,
     layer_levels: dict | None = None,
+    hooks: UnitHooks | None = None,
 ) -> EvaluatedBatch:
     """All (metric, allocation, level) records of a batch of samples (and their raw scores if configured).
 
     ``thresholds`` are the calibrated per-layer magnitude thresholds of the ``static`` metric;
     ``layer_levels`` ``{metric: [levels, layers]}`` the calibrated allocation's per-layer levels.
+    ``hooks``: the run's ``UnitHooks`` (installed), used by attribution and masked decoding;
+    None: each of them installs its own for the call.
 
     The dense runs decode together, attribution runs once for the whole batch, and the
     masked rows of all samples decode together. Every masked row continues from its
@@ -60,11 +64,11 @@ def evaluate_batch(
         model, prompts, [answer_length(tokenizer, s.reference, protocol.max_new_tokens) for s in samples], stop_ids)
 
     # Scores [T, layers, units] per metric and sample.
-    scores = _attribute_fitting(model, prompts, [torch.tensor(d.tokens) for d in dense], protocol)
+    scores = _attribute_fitting(model, prompts, [torch.tensor(d.tokens) for d in dense], protocol, hooks)
 
     # Keep masks [rows = metrics x allocations x levels, T, layers, units] per sample; every row decodes.
     keeps = [_keep_masks(sample_scores, protocol, thresholds, layer_levels) for sample_scores in scores]
-    outputs = masked_after_dense_batch(model, dense, [h for h, _ in keeps], [n for _, n in keeps], stop_ids)
+    outputs = masked_after_dense_batch(model, dense, [h for h, _ in keeps], [n for _, n in keeps], stop_ids, hooks)
 
     records = []
     for sample, dense_run, (head_keep, neuron_keep), rows in zip(samples, dense, keeps, outputs):
@@ -73,17 +77,17 @@ def evaluate_batch(
     return EvaluatedBatch(records=records, scores=raw)
 
 
-def _attribute_fitting(model, prompts, labels, protocol: ProtocolConfig):
+def _attribute_fitting(model, prompts, labels, protocol: ProtocolConfig, hooks: UnitHooks | None):
     """Attribute the whole batch; on out-of-memory, split it in halves (down to one sample)."""
     try:
-        return attribute_batch(model, prompts, labels, protocol.metrics, protocol.ig_steps)
+        return attribute_batch(model, prompts, labels, protocol.metrics, protocol.ig_steps, hooks=hooks)
     except torch.OutOfMemoryError:
         if len(prompts) == 1:
             raise
         torch.cuda.empty_cache()
         half = len(prompts) // 2
-        return (_attribute_fitting(model, prompts[:half], labels[:half], protocol)
-                + _attribute_fitting(model, prompts[half:], labels[half:], protocol))
+        return (_attribute_fitting(model, prompts[:half], labels[:half], protocol, hooks)
+                + _attribute_fitting(model, prompts[half:], labels[half:], protocol, hooks))
 
 
 def _rounded(values: torch.Tensor) -> list[float]:

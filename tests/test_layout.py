@@ -117,3 +117,32 @@ def test_the_package_still_hands_out_its_entry_points():
 
     for name in pipeline.__all__:
         assert getattr(pipeline, name) is not None
+
+
+def test_library_calls_leave_the_model_as_they_found_it():
+    """Hooks and the attention implementation belong to a call or a run, never to the model."""
+    import torch
+    from conftest import tiny_model
+
+    from pipeline import UnitHooks, attribute, layout_for, masked_generate
+
+    model = tiny_model("llama")
+    implementation = model.config._attn_implementation
+
+    def untouched():
+        return (not any(m._forward_pre_hooks for m in model.modules())
+                and model.config._attn_implementation == implementation
+                and not [k for k in vars(model) if k.startswith("_sparseact")])
+
+    prompt, labels = torch.tensor([3, 17, 42]), torch.tensor([12, 77])
+    scores = attribute(model, prompt, labels, metrics=["gxo", "ig"], ig_steps=2)
+    keep = scores["gxo"].heads > scores["gxo"].heads.median(), scores["gxo"].neurons > 0
+    masked_generate(model, prompt, *keep, eos_token_ids=[])
+    assert untouched()
+
+    with UnitHooks(layout_for(model)) as hooks:  # a run's hooks: passed down, still installed after each call
+        again = attribute(model, prompt, labels, metrics=["gxo", "ig"], ig_steps=2, hooks=hooks)
+        assert again["ig"].neurons.equal(scores["ig"].neurons)
+        masked_generate(model, prompt, *keep, eos_token_ids=[], hooks=hooks)
+        assert hooks.installed and hooks.probe is None and hooks.masks is None
+    assert untouched()

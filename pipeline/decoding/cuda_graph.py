@@ -19,7 +19,7 @@ import warnings
 
 import torch
 
-from pipeline.hooks import StepMasks, hooks_for
+from pipeline.hooks import StepMasks, UnitHooks
 from pipeline.models.inputs import with_cache
 
 _POOL = None  # one memory pool shared by all captured graphs
@@ -29,7 +29,7 @@ CHECK_EVERY = 8  # steps between "has every row finished?" checks on a GPU (each
 class CapturedDecoder:
     """A static cache of ``capacity`` positions for ``rows`` rows and one captured step."""
 
-    def __init__(self, model, rows: int, capacity: int, masked: bool):
+    def __init__(self, model, rows: int, capacity: int, masked: bool, hooks: UnitHooks | None = None):
         from transformers import StaticCache
 
         self.model, self.rows, self.capacity = model, rows, capacity
@@ -40,7 +40,7 @@ class CapturedDecoder:
         self.cached = with_cache(model, self.cache)
         self.input_ids = torch.zeros(rows, 1, dtype=torch.long, device=device)
         self.next_token = torch.zeros(rows, dtype=torch.long, device=device)
-        self.masks = StepMasks(rows, hooks_for(model).layout, device) if masked else None
+        self.masks = StepMasks(rows, hooks.layout, device) if masked else None
         self.graph: torch.cuda.CUDAGraph | None = None
 
     def _start(self, kv, first_input: torch.Tensor) -> None:
@@ -50,19 +50,19 @@ class CapturedDecoder:
             self.cache.update(keys.expand(self.rows, -1, -1, -1), values.expand(self.rows, -1, -1, -1), layer)
         self.input_ids.copy_(first_input)
 
-    def _step(self) -> None:
-        hooks = hooks_for(self.model)
-        if self.masks is not None:
-            hooks.install()
-        hooks.masks = self.masks
+    def _step(self, hooks: UnitHooks | None) -> None:
+        """One step; masked, ``hooks`` (installed) multiply by ``self.masks``: the capture records that."""
+        if hooks is not None:
+            hooks.masks = self.masks
         try:
             logits = self.model(input_ids=self.input_ids, **self.cached).logits[:, -1]
             self.next_token.copy_(logits.argmax(-1))
             self.input_ids.copy_(self.next_token.unsqueeze(-1))
         finally:
-            hooks.masks = None
+            if hooks is not None:
+                hooks.masks = None
 
-    def _capture(self, kv, first_input, heads, neurons) -> None:
+    def _capture(self, kv, first_input, heads, neurons, hooks) -> None:
         global _POOL
         # Warm up on a side stream (library handles, workspaces), as CUDA graph capture requires.
         stream = torch.cuda.Stream()
@@ -70,20 +70,22 @@ class CapturedDecoder:
         with torch.cuda.stream(stream):
             if self.masks is not None:
                 self.masks.load(heads[:, 0], neurons[:, 0])
-            self._step()
+            self._step(hooks)
         torch.cuda.current_stream().wait_stream(stream)
         self._start(kv, first_input)  # the warm-up step wrote into the cache
         _POOL = _POOL or torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=_POOL):
-            self._step()
+            self._step(hooks)
         self.graph = graph
 
-    def decode(self, kv, first_input, steps: int, eos: torch.Tensor, heads=None, neurons=None) -> torch.Tensor:
-        """Tokens ``[rows, <= steps]``; masks ``[rows, steps, layers, units]`` when masked."""
+    def decode(self, kv, first_input, steps: int, eos: torch.Tensor, heads=None, neurons=None,
+               hooks: UnitHooks | None = None) -> torch.Tensor:
+        """Tokens ``[rows, <= steps]``; masks ``[rows, steps, layers, units]`` when masked, which ``hooks``
+        (installed) apply while the step is captured."""
         self._start(kv, first_input)
         if self.graph is None:
-            self._capture(kv, first_input, heads, neurons)
+            self._capture(kv, first_input, heads, neurons, hooks)
         tokens = torch.zeros(self.rows, steps, dtype=torch.long, device=self.input_ids.device)
         for step in range(steps):
             if self.masks is not None:
@@ -100,7 +102,8 @@ def graphs_enabled(model) -> bool:
     return next(model.parameters()).device.type == "cuda" and not getattr(model, "_sparseact_no_graphs", False)
 
 
-def decode_captured(model, prefix, first_input, rows: int, steps: int, eos, heads=None, neurons=None):
+def decode_captured(model, prefix, first_input, rows: int, steps: int, eos, heads=None, neurons=None,
+                    hooks: UnitHooks | None = None):
     """``CapturedDecoder.decode`` with the model's decoder, or None where graphs are not used."""
     if not graphs_enabled(model):
         return None
@@ -116,8 +119,8 @@ def decode_captured(model, prefix, first_input, rows: int, steps: int, eos, head
             capacity = 64
             while capacity < positions:
                 capacity *= 2
-            decoder = decoders[(rows, masked)] = CapturedDecoder(model, rows, capacity, masked)
-        return decoder.decode(kv, first_input, steps, eos, heads, neurons)
+            decoder = decoders[(rows, masked)] = CapturedDecoder(model, rows, capacity, masked, hooks)
+        return decoder.decode(kv, first_input, steps, eos, heads, neurons, hooks)
     except Exception as error:  # noqa: BLE001 - whatever fails to capture is decoded without graphs
         warnings.warn(f"decoding without CUDA graphs for this model ({type(error).__name__}: {error})", stacklevel=2)
         model._sparseact_no_graphs = True

@@ -5,8 +5,9 @@ from __future__ import annotations
 import lightning as L
 
 from pipeline.config import ProtocolConfig
-from pipeline.models.adapters import layout_for
 from pipeline.data.datamodule import Block
+from pipeline.hooks import UnitHooks
+from pipeline.models.adapters import layout_for
 from pipeline.protocol import EvaluatedBatch, evaluate_batch
 
 
@@ -23,6 +24,8 @@ class SparseActivationModule(L.LightningModule):
         self.thresholds = thresholds  # calibrated thresholds of the static metric
         self.layer_levels = layer_levels  # {metric: [levels, layers]} of the calibrated allocation
         self.layout = layout_for(model)
+        # the run's hooks: installed for the predict loop by MaskingCallback, passed to every step
+        self.unit_hooks = UnitHooks(self.layout)
         # near the end of a resumed run a rank may have no block left
         self.allow_zero_length_dataloader_with_multiple_devices = True
 
@@ -36,6 +39,6 @@ class SparseActivationModule(L.LightningModule):
         # that Lightning would accumulate (trainer.predict runs with return_predictions=False).
         evaluated = evaluate_batch(self.model, self.tokenizer, self.layout, batch.samples, self.template,
                                    self.protocol, self.task, self.stop_ids, self.thresholds,
-                                   self.layer_levels)
+                                   self.layer_levels, self.unit_hooks)
         return EvaluatedBatch(records=[r for r in evaluated.records if r["sample_id"] not in batch.done],
                               scores={k: v for k, v in evaluated.scores.items() if k not in batch.done})
