@@ -90,8 +90,6 @@ SCORES: dict[str, Score] = _table(
 
 METRICS = tuple(SCORES)
 DEFAULT_METRICS = tuple(name for name, row in SCORES.items() if row.default)
-# Scores a deployed model can compute itself: no labels, no gradients.
-LABEL_FREE = frozenset(name for name, row in SCORES.items() if row.label_free)
 NEEDS_GRADIENT = frozenset(name for name, row in SCORES.items() if row.needs_gradient)
 
 
