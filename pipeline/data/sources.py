@@ -2,8 +2,9 @@
 
 Every source becomes a list of ``Sample``: a stable id (dataset name + row index, so
 resumed runs match rows), the question, and the reference answer when there is one.
-``run_name`` names a run directory after the model and the dataset. ``content_digest`` identifies a selection by its text, not by where it was read from:
-an edited file changes it, the same file through a symlink does not.
+``run_name`` names a run directory after the model and the dataset. ``content_digest``
+identifies a selection by its text, not by where it was read from: an edited file
+changes it, the same file through a symlink does not.
 
 Local files are checked before ``datasets`` parses them, so that a broken line, a file
 that is not UTF-8 or a CSV with only a header is reported with the file, the line and
