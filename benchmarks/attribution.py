@@ -31,7 +31,7 @@ from common import arguments, load, machine, prompts_and_labels, record, timed  
 from transformers import DynamicCache  # noqa: E402
 
 from pipeline.models.inputs import forward_arguments  # noqa: E402
-from pipeline.masking.hooks import HEADS, NEURONS  # noqa: E402
+from pipeline.hooks import HEADS, NEURONS  # noqa: E402
 from pipeline.models.adapters import layout_for  # noqa: E402
 from pipeline.scores.attribution import attribute_batch  # noqa: E402
 from pipeline.scores.metrics import DEFAULT_METRICS, head_scores, neuron_scores  # noqa: E402
@@ -188,7 +188,7 @@ def main():
 
 def kept_overlap(reference_model, prompts, labels, scores, args):
     """How the lower-precision scores change the kept sets against the reference precision."""
-    from pipeline.masking.masks import keep_masks
+    from pipeline.masks.masks import keep_masks
 
     reference = attribute_batch(reference_model, prompts, labels, DEFAULT_METRICS)
     lines = [f"kept-set overlap, {args.dtype} vs {args.baseline_dtype} scores ({len(prompts)} samples, "

@@ -55,7 +55,7 @@ def prompts_and_labels(model, tokenizer, template, args):
     """TruthfulQA prompts and the dense greedy labels (T = Best Answer length, capped)."""
     import csv
 
-    from pipeline.masking.generation import greedy_generate
+    from pipeline.decoding.generation import greedy_generate
     from pipeline.models.prompts import answer_length, prompt_ids, stop_token_ids
 
     # csv rather than the datasets library: GPU images often lack it

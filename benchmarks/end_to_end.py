@@ -48,8 +48,8 @@ IMPORT_S = time.perf_counter() - _STARTED
 PHASES = ["load", "dense labels", "attribution", "masks", "masked decoding", "records", "writing", "teardown"]
 # lever name -> (module, attribute, value when switched off)
 LEVERS = {
-    "dense_graphs": ("pipeline.masking.generation", "DENSE_GRAPHS", False),
-    "masked_groups": ("pipeline.masking.generation", "MASKED_GROUPS", False),
+    "dense_graphs": ("pipeline.decoding.generation", "DENSE_GRAPHS", False),
+    "masked_groups": ("pipeline.decoding.generation", "MASKED_GROUPS", False),
     "overlap": ("pipeline.runner.module", "OVERLAP_HOST_WORK", False),  # (off by default: see module.py)
     "keep_on_device": ("pipeline.runner.module", "KEEP_ON_DEVICE_AT_TEARDOWN", False),
     "no_cudnn": ("pipeline.runner.module", "NO_CUDNN_ATTENTION", False),

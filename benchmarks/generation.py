@@ -19,7 +19,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import arguments, load, machine, record, timed  # noqa: E402
 
-from pipeline.masking.generation import greedy_generate  # noqa: E402
+from pipeline.decoding.generation import greedy_generate  # noqa: E402
 from pipeline.models.adapters import layout_for  # noqa: E402
 from pipeline.models.prompts import prompt_ids  # noqa: E402
 

@@ -10,33 +10,44 @@ Library entry points:
 * ``SCORES``: the score table, one row per score.
 * ``masked_generate(model, prompt_ids, head_keep, neuron_keep, eos_token_ids)``:
   greedy decoding with per-step masks.
+* ``UnitHooks(layout_for(model))``: the hooks that probe and mask units; pass one to
+  ``attribute``/``masked_generate`` to reuse it, or let each call install its own.
 * ``evaluate(...)``: a whole run, as ``sparseact run`` does it.
+* ``load_scores(run_dir, sample_id)``: raw per-token scores saved by a run.
+
+Each name is imported on first use (PEP 562), so ``import pipeline`` and the command
+line's ``--help`` load no torch.
 """
 
-from pipeline.masking.allocation import allocate
-from pipeline.masking.generation import masked_generate
-from pipeline.masking.masks import achieved_sparsity, keep_masks
-from pipeline.models.adapters import ADAPTERS, layout_for
-from pipeline.scores.attribution import UnitScores, attribute
-from pipeline.scores.metrics import DEFAULT_METRICS, METRICS, SCORES
+from importlib import import_module
+
+_WHERE = {
+    "ADAPTERS": "pipeline.models.adapters",
+    "layout_for": "pipeline.models.adapters",
+    "attribute": "pipeline.scores.attribution",
+    "UnitScores": "pipeline.scores.attribution",
+    "SCORES": "pipeline.scores.metrics",
+    "METRICS": "pipeline.scores.metrics",
+    "DEFAULT_METRICS": "pipeline.scores.metrics",
+    "keep_masks": "pipeline.masks.masks",
+    "achieved_sparsity": "pipeline.masks.masks",
+    "allocate": "pipeline.masks.allocation",
+    "UnitHooks": "pipeline.hooks",
+    "masked_generate": "pipeline.decoding.generation",
+    "evaluate": "pipeline.runner.run",
+    "load_scores": "pipeline.results.raw_scores",
+}
+
+__all__ = sorted(_WHERE)
 
 
-def load_scores(run_dir, sample_id):
-    """Raw per-token scores saved by a run with ``protocol.save_scores``; see ``pipeline.results.raw_scores``."""
-    from pipeline.results.raw_scores import load_scores as _load
-
-    return _load(run_dir, sample_id)
-
-
-def evaluate(*args, **kwargs):
-    """Run the whole protocol; see ``pipeline.runner.run.evaluate``."""
-    from pipeline.runner.run import evaluate as _evaluate
-
-    return _evaluate(*args, **kwargs)
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module 'pipeline' has no attribute {name!r}")
+    value = getattr(import_module(_WHERE[name]), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
 
 
-__all__ = [
-    "ADAPTERS", "DEFAULT_METRICS", "METRICS", "SCORES", "UnitScores", "achieved_sparsity", "allocate", "attribute",
-    "evaluate",
-    "keep_masks", "layout_for", "load_scores", "masked_generate",
-]
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 
 from pipeline.errors import UserError
 from pipeline.measures.task import TASK_MEASURES
-from pipeline.masking.allocation import ALLOCATIONS, NORMALIZATIONS
+from pipeline.masks import ALLOCATIONS, NORMALIZATIONS
 from pipeline.scores.metrics import DEFAULT_METRICS, SCORES, describe
 
 
@@ -134,7 +134,7 @@ class ProtocolConfig:
         if "calibrated" in self.allocations:
             values["calibration_step"] = self.calibration_step
             if self.allocation_levels is not None:
-                from pipeline.masking.levels_file import file_digest
+                from pipeline.masks.levels_file import file_digest
 
                 values["allocation_levels"] = file_digest(self.allocation_levels)
         return values
@@ -185,7 +185,7 @@ class ProtocolConfig:
             if not 0 < self.calibration_step < 1:
                 raise UserError(f"calibration_step must be in (0, 1), got {self.calibration_step}")
             if self.allocation_levels is not None:
-                from pipeline.masking.levels_file import read_levels
+                from pipeline.masks.levels_file import read_levels
 
                 read_levels(self.allocation_levels)
 

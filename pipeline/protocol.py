@@ -12,10 +12,11 @@ import torch
 
 from pipeline.config import ProtocolConfig
 from pipeline.data.sources import Sample
-from pipeline.masking.generation import dense_generate_batch, masked_after_dense_batch
-from pipeline.masking.allocation import allocate
-from pipeline.masking.masks import achieved_sparsity
-from pipeline.masking.static import threshold_masks
+from pipeline.hooks import UnitHooks
+from pipeline.decoding.generation import dense_generate_batch, masked_after_dense_batch
+from pipeline.masks.allocation import allocate
+from pipeline.masks.masks import achieved_sparsity
+from pipeline.masks.static import threshold_masks
 from pipeline.measures import bleu_vs_dense, task_score, token_agreement
 from pipeline.models.adapters import UnitLayout
 from pipeline.models.prompts import answer_length, prompt_ids
@@ -77,24 +78,28 @@ def evaluate_batch(
     stop_ids: list[int],
     thresholds: dict | None = None,
     layer_levels: dict | None = None,
+    hooks: UnitHooks | None = None,
 ) -> EvaluatedBatch:
     """All (metric, allocation, level) records of a batch of samples (and their raw scores if configured).
 
     ``thresholds`` are the calibrated per-layer magnitude thresholds of the ``static`` metric;
     ``layer_levels`` ``{metric: [levels, layers]}`` the calibrated allocation's per-layer levels.
+    ``hooks``: the run's ``UnitHooks`` (installed), used by attribution and masked decoding;
+    None: each of them installs its own for the call.
 
     The dense runs decode together, attribution runs once for the whole batch, and the
     masked rows of all samples decode together. Every masked row continues from its
     own sample's dense run (the prompt and the steps before any unit is off), so a
     masked row and its dense run share exactly the same prompt computation.
     """
-    decoded = decode_batch(model, tokenizer, layout, samples, template, protocol, stop_ids, thresholds, layer_levels)
+    decoded = decode_batch(model, tokenizer, layout, samples, template, protocol, stop_ids, thresholds, layer_levels,
+                           hooks)
     return decoded.finish(tokenizer, protocol, task)
 
 
 def decode_batch(model, tokenizer, layout: UnitLayout, samples: list[Sample], template: str,
                  protocol: ProtocolConfig, stop_ids: list[int], thresholds: dict | None = None,
-                 layer_levels: dict | None = None) -> DecodedBatch:
+                 layer_levels: dict | None = None, hooks: UnitHooks | None = None) -> DecodedBatch:
     """The device work of ``evaluate_batch``: labels, scores, masks, masked decoding, row numbers."""
     prompts = [torch.tensor(prompt_ids(tokenizer, template, s.question)) for s in samples]
 
@@ -103,28 +108,28 @@ def decode_batch(model, tokenizer, layout: UnitLayout, samples: list[Sample], te
         model, prompts, [answer_length(tokenizer, s.reference, protocol.max_new_tokens) for s in samples], stop_ids)
 
     # Scores [T, layers, units] per metric and sample.
-    scores = _attribute_fitting(model, prompts, [torch.tensor(d.tokens) for d in dense], protocol)
+    scores = _attribute_fitting(model, prompts, [torch.tensor(d.tokens) for d in dense], protocol, hooks)
 
     # Keep masks [rows = metrics x allocations x levels, T, layers, units] per sample; every row decodes.
     keeps = [_keep_masks(sample_scores, protocol, thresholds, layer_levels) for sample_scores in scores]
-    outputs = masked_after_dense_batch(model, dense, [h for h, _ in keeps], [n for _, n in keeps], stop_ids)
+    outputs = masked_after_dense_batch(model, dense, [h for h, _ in keeps], [n for _, n in keeps], stop_ids, hooks)
     stats = [_row_stats(layout, head_keep, neuron_keep, rows, protocol)
              for (head_keep, neuron_keep), rows in zip(keeps, outputs)]
     raw = {s.id: sc for s, sc in zip(samples, scores)} if protocol.save_scores else {}
     return DecodedBatch(samples, [d.tokens for d in dense], outputs, stats, raw)
 
 
-def _attribute_fitting(model, prompts, labels, protocol: ProtocolConfig):
+def _attribute_fitting(model, prompts, labels, protocol: ProtocolConfig, hooks: UnitHooks | None):
     """Attribute the whole batch; on out-of-memory, split it in halves (down to one sample)."""
     try:
-        return attribute_batch(model, prompts, labels, protocol.metrics, protocol.ig_steps)
+        return attribute_batch(model, prompts, labels, protocol.metrics, protocol.ig_steps, hooks=hooks)
     except torch.OutOfMemoryError:
         if len(prompts) == 1:
             raise
         torch.cuda.empty_cache()
         half = len(prompts) // 2
-        return (_attribute_fitting(model, prompts[:half], labels[:half], protocol)
-                + _attribute_fitting(model, prompts[half:], labels[half:], protocol))
+        return (_attribute_fitting(model, prompts[:half], labels[:half], protocol, hooks)
+                + _attribute_fitting(model, prompts[half:], labels[half:], protocol, hooks))
 
 
 def _keep(variant, importance: torch.Tensor, kind: str, levels, thresholds, layer_levels) -> torch.Tensor:

@@ -14,7 +14,7 @@ from pathlib import Path
 import yaml
 
 from pipeline.config import DataConfig, ModelConfig, ProtocolConfig, RunConfig, validate
-from pipeline.data.sources import dataset_name
+from pipeline.data.sources import run_name
 from pipeline.errors import UserError
 
 
@@ -23,7 +23,7 @@ def cells(models: list[ModelConfig], datasets: list[DataConfig], protocol: Proto
     grid = []
     for model in models:
         for data in datasets:
-            name = f"{Path(model.name).name}__{dataset_name(data)}{_slice(data)}"
+            name = run_name(model.name, data, _slice(data))
             grid.append((name, model, data, replace(run, output_dir=str(root / name))))
     names = [cell[0] for cell in grid]
     if len(set(names)) != len(names):

@@ -2,12 +2,13 @@
 
 import pytest
 import torch
+from torch import nn
 from conftest import ARCHITECTURES, tiny_model
 
 from pipeline.errors import UserError
-from pipeline.masking.hooks import StepMasks, hooks_for
-from pipeline.masking.generation import masked_generate
-from pipeline.models.adapters import layout_for, zero_head_weights, zero_neuron_weights
+from pipeline.hooks import StepMasks, UnitHooks
+from pipeline.decoding.generation import masked_generate
+from pipeline.models.adapters import UnitLayout, layout_for
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
@@ -31,10 +32,30 @@ def test_unsupported_architecture_names_the_table():
         layout_for(model)
 
 
+def zero_head_weights(layout: UnitLayout, layer: int, head: int) -> None:
+    """Remove one head by zeroing its input columns of the output projection."""
+    module = layout.head_inputs[layer]
+    cols = slice(head * layout.head_dim, (head + 1) * layout.head_dim)
+    with torch.no_grad():
+        if isinstance(module, nn.Linear):
+            module.weight[:, cols] = 0
+        else:
+            module.weight[cols, :] = 0
+
+
+def zero_neuron_weights(layout: UnitLayout, layer: int, neuron: int) -> None:
+    """Remove one neuron by zeroing its column of the down projection."""
+    module = layout.neuron_inputs[layer]
+    with torch.no_grad():
+        if isinstance(module, nn.Linear):
+            module.weight[:, neuron] = 0
+        else:
+            module.weight[neuron, :] = 0
+
+
 def _masked_last_logits(model, ids, head_keep, neuron_keep):
     """Logits of one forward pass with the masks applied by the project's hooks at the last position."""
-    hooks = hooks_for(model)
-    with hooks:
+    with UnitHooks(layout_for(model)) as hooks:
         hooks.masks = StepMasks(1, hooks.layout, ids.device).load(head_keep[None].bool(), neuron_keep[None].bool())
         return model(input_ids=ids).logits[0, -1]
 

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from conftest import make_tiny_checkpoint, tiny_model
 
 from pipeline.cli import main
-from pipeline.masking.allocation import (
+from pipeline.masks.allocation import (
     ALLOCATIONS,
     NORMALIZATIONS,
     allocate,
@@ -19,7 +19,7 @@ from pipeline.masking.allocation import (
     layer_level_keep_masks,
     normalized,
 )
-from pipeline.masking.calibration import (
+from pipeline.masks.calibration import (
     CalibrationRows,
     greedy_path,
     layer_gain,
@@ -27,7 +27,7 @@ from pipeline.masking.calibration import (
     levels_for,
     loss_table,
 )
-from pipeline.masking.masks import keep_masks
+from pipeline.masks.masks import keep_masks
 from pipeline.models.adapters import layout_for
 from pipeline.scores.attribution import attribute_batch
 from pipeline.scores.metrics import SCORES
@@ -314,7 +314,7 @@ def test_calibrated_levels_round_trip(tiny_dir, tmp_path, monkeypatch):
             reached = next(step["sparsity"] for step in path if step["sparsity"] >= record["level"] - 1e-12)
             assert record["sparsity"] == pytest.approx(reached, abs=1e-6)
 
-    import pipeline.masking.calibration as calibration
+    import pipeline.masks.calibration as calibration
 
     def no_search(*args, **kwargs):
         raise AssertionError("levels were given: nothing to calibrate")

@@ -165,7 +165,7 @@ def test_saved_raw_scores_round_trip(tiny_dir, tmp_path):
     question = next(r["question"] for r in records if r["sample_id"] == "demo:1")
     prompt = torch.tensor(prompt_ids(loaded.tokenizer, template, question))
     n = next(r["n_dense_tokens"] for r in records if r["sample_id"] == "demo:1")
-    from pipeline.masking.generation import greedy_generate
+    from pipeline.decoding.generation import greedy_generate
     from pipeline.models.prompts import stop_token_ids
 
     labels = torch.tensor(greedy_generate(loaded.model, prompt, n, stop_token_ids(loaded.tokenizer, loaded.model))[0])

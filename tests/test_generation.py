@@ -4,7 +4,7 @@ import pytest
 import torch
 from conftest import tiny_model
 
-from pipeline.masking.generation import greedy_generate, masked_generate
+from pipeline.decoding.generation import greedy_generate, masked_generate
 from pipeline.models.adapters import layout_for
 
 
@@ -70,7 +70,7 @@ def test_batched_samples_equal_recomputation(arch):
     """Several samples' dense runs and masked rows decoded together (left padding, rows leaving the
     batch at their sample's length, dense leading steps and all-dense rows taken from the dense run)
     equal a from-scratch recomputation of each row on its own."""
-    from pipeline.masking.generation import dense_generate_batch, masked_after_dense_batch
+    from pipeline.decoding.generation import dense_generate_batch, masked_after_dense_batch
 
     model = tiny_model(arch)
     layout = layout_for(model)
@@ -102,8 +102,8 @@ def test_padded_captured_steps_equal_eager_decoding(arch, monkeypatch):
     """The GPU path, run on the CPU with each captured step called instead of replayed: dense runs
     as one padded batch through a static cache, then the masked rows of several samples in
     groups padded to one row count, give the tokens (and dense caches) of the eager loops."""
-    import pipeline.masking.cuda_graph as cuda_graph
-    import pipeline.masking.generation as generation
+    import pipeline.decoding.cuda_graph as cuda_graph
+    import pipeline.decoding.generation as generation
 
     model = tiny_model(arch)
     model.set_attn_implementation("sdpa")
@@ -124,11 +124,11 @@ def test_padded_captured_steps_equal_eager_decoding(arch, monkeypatch):
     expected = generation.masked_after_dense_batch(model, expected_dense, heads, neurons, [])
 
     class Called:  # stands in for a captured graph
-        def __init__(self, decoder):
-            self.replay = decoder._step
+        def __init__(self, decoder, hooks):
+            self.replay = lambda: decoder._step(hooks)
 
-    def capture(self, kv, first_input, heads, neurons, prefix_mask=None, positions=None):
-        self.graph = Called(self)
+    def capture(self, kv, first_input, heads, neurons, hooks, prefix_mask=None, positions=None):
+        self.graph = Called(self, hooks)
 
     monkeypatch.setattr(cuda_graph, "graphs_enabled", lambda model: True)
     monkeypatch.setattr(cuda_graph.CapturedDecoder, "_capture", capture)

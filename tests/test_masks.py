@@ -6,7 +6,7 @@ import pytest
 import torch
 import transformers as tf
 
-from pipeline.masking.masks import achieved_sparsity, keep_masks, units_off
+from pipeline.masks.masks import achieved_sparsity, keep_masks, units_off
 from pipeline.models.adapters import layout_for
 
 

@@ -8,8 +8,8 @@ import torch
 from conftest import make_tiny_checkpoint, tiny_model
 
 from pipeline.cli import main
-from pipeline.masking.masks import achieved_sparsity
-from pipeline.masking.static import quantile_thresholds, threshold_masks
+from pipeline.masks.masks import achieved_sparsity
+from pipeline.masks.static import quantile_thresholds, threshold_masks
 from pipeline.models.adapters import layout_for
 from pipeline.scores.attribution import attribute_batch
 

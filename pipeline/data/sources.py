@@ -2,8 +2,9 @@
 
 Every source becomes a list of ``Sample``: a stable id (dataset name + row index, so
 resumed runs match rows), the question, and the reference answer when there is one.
-``content_digest`` identifies a selection by its text, not by where it was read from:
-an edited file changes it, the same file through a symlink does not.
+``run_name`` names a run directory after the model and the dataset. ``content_digest``
+identifies a selection by its text, not by where it was read from: an edited file
+changes it, the same file through a symlink does not.
 
 Local files are checked before ``datasets`` parses them, so that a broken line, a file
 that is not UTF-8 or a CSV with only a header is reported with the file, the line and
@@ -58,6 +59,12 @@ def dataset_name(config: DataConfig) -> str:
     if path.suffix:  # a file: named after the file read, whichever link led to it
         return (path.resolve() if path.exists() else path).stem
     return config.dataset.replace("/", "_")
+
+
+def run_name(model_name: str, data: DataConfig, suffix: str) -> str:
+    """A run directory's name, ``<model>__<dataset><suffix>``: a run's suffix is ``__`` and its
+    fingerprint's first 8 characters, a sweep cell's the slice of rows it evaluates."""
+    return f"{Path(model_name).name}__{dataset_name(data)}{suffix}"
 
 
 def content_digest(samples: list[Sample]) -> str:

@@ -20,9 +20,10 @@ from tqdm import tqdm
 
 from pipeline.errors import UserError
 from pipeline.lmeval import MODEL_NAME
-from pipeline.masking.generation import DenseRun, masked_after_dense_batch
-from pipeline.masking.hooks import HEADS, hooks_for
-from pipeline.masking.masks import keep_masks
+from pipeline.decoding.generation import DenseRun, masked_after_dense_batch
+from pipeline.hooks import HEADS, UnitHooks
+from pipeline.masks.masks import keep_masks
+from pipeline.models.adapters import layout_for
 from pipeline.models.loading import DTYPES
 from pipeline.models.prompts import stop_token_ids
 from pipeline.scores.attribution import attribute_batch
@@ -134,8 +135,8 @@ class SparseActLM(HFLM):
         self.dense = self.level == 0.0  # level 0: lm-eval's HFLM code path, untouched
         self.show_progress = True
         self._stop_ids = stop_token_ids(self.tokenizer, self.model)
-        if not self.dense:
-            hooks_for(self.model).install()  # idle (no probe, no masks) they change no number
+        # this model's hooks, installed for its lifetime: idle (no probe, no masks) they change no number
+        self.unit_hooks = None if self.dense else UnitHooks(layout_for(self.model)).install()
         if accelerator is not None and accelerator.num_processes > 1:
             self.accelerator = accelerator
             self._rank, self._world_size = accelerator.process_index, accelerator.num_processes
@@ -152,7 +153,7 @@ class SparseActLM(HFLM):
     def _step_masks(self, prompts, labels, targets=None):
         """Per request, keep masks (heads, neurons) ``[T, layers, units]`` for its T steps."""
         scores = attribute_batch(self.model, prompts, labels, metrics=[self.score], ig_steps=self.ig_steps,
-                                 targets=targets)
+                                 targets=targets, hooks=self.unit_hooks)
         return [(self.keep(s[self.score].heads), self.keep(s[self.score].neurons)) for s in scores]
 
     @torch.no_grad()
@@ -174,7 +175,7 @@ class SparseActLM(HFLM):
         with torch.enable_grad():
             masks = self._step_masks(prompts, labels, targets)
         index = torch.cat([b * width + torch.arange(starts[b], inplens[b]) for b in range(rows)]).to(batched.device)
-        hooks = hooks_for(self.model).install()
+        hooks = self.unit_hooks
         hooks.masks = PositionMasks(rows, index, torch.cat([h for h, _ in masks]).to(batched.device),
                                     torch.cat([n for _, n in masks]).to(batched.device))
         try:
@@ -240,7 +241,7 @@ class SparseActLM(HFLM):
             masks = self._step_masks([p.cpu() for p in prompts], labels)
         runs = [DenseRun(p, y.tolist(), None) for p, y in zip(prompts, labels)]
         outputs = masked_after_dense_batch(self.model, runs, [h[None] for h, _ in masks], [n[None] for _, n in masks],
-                                           self._stop_ids)
+                                           self._stop_ids, self.unit_hooks)
         rows = [context[b].tolist() + out[0] for b, out in enumerate(outputs)]
         longest = max(len(r) for r in rows)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eot_token_id

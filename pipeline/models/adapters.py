@@ -138,24 +138,3 @@ def output_weights(layout: UnitLayout) -> tuple[torch.Tensor, torch.Tensor]:
     heads = heads.view(layout.num_layers, -1, layout.num_heads, layout.head_dim)
     columns = torch.stack([_as_out_in(m).detach().norm(dim=0) for m in layout.neuron_inputs])
     return heads, columns
-
-
-def zero_head_weights(layout: UnitLayout, layer: int, head: int) -> None:
-    """Remove one head by zeroing its input columns of the output projection (used by tests)."""
-    module = layout.head_inputs[layer]
-    cols = slice(head * layout.head_dim, (head + 1) * layout.head_dim)
-    with torch.no_grad():
-        if isinstance(module, nn.Linear):
-            module.weight[:, cols] = 0
-        else:
-            module.weight[cols, :] = 0
-
-
-def zero_neuron_weights(layout: UnitLayout, layer: int, neuron: int) -> None:
-    """Remove one neuron by zeroing its column of the down projection (used by tests)."""
-    module = layout.neuron_inputs[layer]
-    with torch.no_grad():
-        if isinstance(module, nn.Linear):
-            module.weight[:, neuron] = 0
-        else:
-            module.weight[neuron, :] = 0

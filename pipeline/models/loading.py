@@ -20,12 +20,15 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import save_model
 
-from pipeline.config import ModelConfig
 from pipeline.errors import UserError
+
+if TYPE_CHECKING:  # the model layer reads a ModelConfig's fields; it does not depend on the config module
+    from pipeline.config import ModelConfig
 
 
 @dataclass(frozen=True)

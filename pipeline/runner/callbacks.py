@@ -1,4 +1,4 @@
-"""Callbacks: install the unit hooks for the whole predict loop; write records as batches finish."""
+"""Callbacks: install the module's unit hooks for the whole predict loop, remove them after; write records as batches finish."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.callbacks import BasePredictionWriter
 
-from pipeline.masking.hooks import hooks_for
 from pipeline.results.raw_scores import save_scores
 from pipeline.results.store import RECORDS, append_records
 from pipeline.runner.host import HostWorker
@@ -15,16 +14,17 @@ from pipeline.runner.module import Deferred, overlaps
 
 
 class MaskingCallback(L.Callback):
-    """Installs the capture/scale/mask hooks when prediction starts and removes them at the end."""
+    """Installs the module's ``UnitHooks`` (probe, scale, mask) when prediction starts and removes
+    them when it ends or fails, so the model leaves the run as it came in."""
 
     def on_predict_start(self, trainer, pl_module) -> None:
-        hooks_for(pl_module.model).install()
+        pl_module.unit_hooks.install()
 
     def on_predict_end(self, trainer, pl_module) -> None:
-        hooks_for(pl_module.model).remove()
+        pl_module.unit_hooks.remove()
 
     def on_exception(self, trainer, pl_module, exception) -> None:
-        hooks_for(pl_module.model).remove()
+        pl_module.unit_hooks.remove()
 
 
 class RecordWriter(BasePredictionWriter):

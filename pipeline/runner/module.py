@@ -7,8 +7,9 @@ from dataclasses import dataclass
 import lightning as L
 
 from pipeline.config import ProtocolConfig
-from pipeline.models.adapters import layout_for
 from pipeline.data.datamodule import Block
+from pipeline.hooks import UnitHooks
+from pipeline.models.adapters import layout_for
 from pipeline.protocol import DecodedBatch, decode_batch
 
 # On a GPU, build and write a batch's records in a worker process while the next batch
@@ -59,6 +60,8 @@ class SparseActivationModule(L.LightningModule):
         self.thresholds = thresholds  # calibrated thresholds of the static metric
         self.layer_levels = layer_levels  # {metric: [levels, layers]} of the calibrated allocation
         self.layout = layout_for(model)
+        # the run's hooks: installed for the predict loop by MaskingCallback, passed to every step
+        self.unit_hooks = UnitHooks(self.layout)
         # near the end of a resumed run a rank may have no block left
         self.allow_zero_length_dataloader_with_multiple_devices = True
 
@@ -72,7 +75,8 @@ class SparseActivationModule(L.LightningModule):
         # that Lightning would accumulate (trainer.predict runs with return_predictions=False).
         with _attention_kernels():
             decoded = decode_batch(self.model, self.tokenizer, self.layout, batch.samples, self.template,
-                                   self.protocol, self.stop_ids, self.thresholds, self.layer_levels)
+                                   self.protocol, self.stop_ids, self.thresholds, self.layer_levels,
+                                   self.unit_hooks)
         if overlaps(self):
             return Deferred(decoded, batch.done)
         return decoded.finish(self.tokenizer, self.protocol, self.task, batch.done)

@@ -17,11 +17,11 @@ from lightning.pytorch.plugins.environments import SLURMEnvironment
 
 from pipeline.config import DataConfig, ModelConfig, ProtocolConfig, RunConfig, validate
 from pipeline.data.datamodule import SampleDataModule
-from pipeline.data.sources import Sample, content_digest, dataset_name, load_samples
+from pipeline.data.sources import Sample, content_digest, dataset_name, load_samples, run_name
 from pipeline.errors import UserError
 from pipeline.models.adapters import layout_for
-from pipeline.masking.levels_file import levels_for_run
-from pipeline.masking.static import calibrate
+from pipeline.masks.levels_file import levels_for_run
+from pipeline.masks.static import calibrate
 from pipeline.models.loading import LoadedModel, load_model
 from pipeline.models.prompts import answer_length, prompt_ids, resolve_template, stop_token_ids
 from pipeline.results.plot import plot_curves
@@ -144,8 +144,8 @@ def evaluate(
         "config": {"model": asdict(model), "data": asdict(data), "protocol": asdict(protocol), "run": asdict(run)},
         "numbers_affecting": numbers_affecting,
     }
-    default_name = f"{Path(model.name).name}__{dataset_name(data)}__{info['fingerprint'][:8]}"
-    run_dir = Path(run.output_dir) if run.output_dir else Path("runs") / default_name
+    run_dir = Path(run.output_dir) if run.output_dir else Path("runs") / run_name(model.name, data,
+                                                                                 f"__{info['fingerprint'][:8]}")
     check_run_dir(run_dir, info)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -170,7 +170,7 @@ class Job:
     samples: list[Sample]
     calibration: list[Sample]  # rows after the evaluated slice (static metric), else empty
     batch_size: int
-    levels: object  # the calibrated allocation's levels (masking/levels_file.py)
+    levels: object  # the calibrated allocation's levels (masks/levels_file.py)
 
 
 def _evaluate_locked(job: Job, model: ModelConfig, data: DataConfig, protocol: ProtocolConfig, run: RunConfig,

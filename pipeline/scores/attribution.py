@@ -19,11 +19,12 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from pipeline.masking.hooks import HEADS, NEURONS, Probe, hooks_for
-from pipeline.scores.exact_attention import exact_attention, forget_recorded
+from pipeline.hooks import HEADS, NEURONS, Probe, UnitHooks, using_hooks
 from pipeline.models.adapters import output_weights
 from pipeline.models.inputs import forward_arguments, pad, position_ids, with_cache
-from pipeline.scores.metrics import DEFAULT_METRICS, SCORES, Terms, neuron_score_set
+from pipeline.scores.exact_attention import ExactAttention
+from pipeline.scores.formulas import Terms
+from pipeline.scores.metrics import DEFAULT_METRICS, SCORES, neuron_score_set
 
 IGNORE = -100
 SPLIT_PREFIX_ON = {"cpu"}  # device types where the prompt prefix runs without autograd (see below)
@@ -140,7 +141,8 @@ def _pick(tensors: dict, kind: str, layers: int, index: torch.Tensor) -> torch.T
     return torch.stack([tensors[(kind, layer)].flatten(0, 1).index_select(0, index) for layer in range(layers)], dim=1)
 
 
-def _outputs_and_gradients(model, hooks, packed: Packed, with_gradient: bool, keep_context: bool):
+def _outputs_and_gradients(model, hooks: UnitHooks, attention: ExactAttention, packed: Packed, with_gradient: bool,
+                           keep_context: bool):
     """Unit outputs and per-token gradients ``[N, layers, width]`` at the N label positions.
 
     ``keep_context`` records every position's keys and values for integrated gradients,
@@ -164,7 +166,7 @@ def _outputs_and_gradients(model, hooks, packed: Packed, with_gradient: bool, ke
     keys = [(kind, layer) for kind in (HEADS, NEURONS) for layer in range(layout.num_layers)]
     gradients = {}
     try:
-        with torch.set_grad_enabled(with_gradient), exact_attention(model, mode="record" if keep_context else "live"):
+        with torch.set_grad_enabled(with_gradient), attention.mode("record" if keep_context else "live"):
             logits = model(**inputs).logits
             if with_gradient:
                 grads = torch.autograd.grad(_label_loss(logits, packed), [probe.inputs[k] for k in keys])
@@ -179,7 +181,8 @@ def _outputs_and_gradients(model, hooks, packed: Packed, with_gradient: bool, ke
     return x, g
 
 
-def _integrated_gradients(model, hooks, packed: Packed, steps: int) -> dict[str, torch.Tensor]:
+def _integrated_gradients(model, hooks: UnitHooks, attention: ExactAttention, packed: Packed,
+                          steps: int) -> dict[str, torch.Tensor]:
     """Step-averaged gradients ``[N, layers, width]``, one pass per (kind, layer).
 
     Each pass holds every sample at every step (``steps * B`` rows). Must follow a
@@ -200,7 +203,7 @@ def _integrated_gradients(model, hooks, packed: Packed, steps: int) -> dict[str,
                           scale=(kind, layer, alphas), only=(kind, layer))
             hooks.probe = probe
             try:
-                with torch.enable_grad(), exact_attention(model, mode="replay"):
+                with torch.enable_grad(), attention.mode("replay"):
                     logits = model(**batch.model_inputs()).logits
                     (grad,) = torch.autograd.grad(_label_loss(logits, batch), [probe.inputs[(kind, layer)]])
                     del logits
@@ -220,9 +223,11 @@ def attribute_batch(
     ig_steps: int = 20,
     padding_side: str = "left",
     targets: list[torch.Tensor] | None = None,
+    hooks: UnitHooks | None = None,
 ) -> list[dict[str, UnitScores]]:
     """``attribute`` for several samples in one pass; returns one result per sample.
 
+    ``hooks``: the run's ``UnitHooks`` (``pipeline/hooks.py``); None: hooks installed for this call only.
     ``targets`` (one 1-D tensor per sample, as long as its labels): the tokens whose loss is
     differentiated, when they differ from the fed ``labels`` (lm-eval log-likelihood requests
     feed the given continuation but take the dense model's argmax as labels).
@@ -232,24 +237,18 @@ def attribute_batch(
         raise ValueError(f"unknown metric(s) {unknown}; choose from {list(SCORES)}")
     if ig_steps < 1:
         raise ValueError("ig_steps must be >= 1")
-    hooks = hooks_for(model)
-    temporary = not hooks.installed
-    hooks.install()
     device = next(model.parameters()).device
     packed = pack(prompts, labels, padding_side, device, forward_arguments(model)[1])
     if targets is not None:
         real = packed.labels != IGNORE
         packed.labels[real] = torch.cat([t.to(device) for t in targets])
     rows = [SCORES[m] for m in metrics]
-    try:
-        with_gradient = any(row.needs_gradient for row in rows)
-        integrated = any(row.gradient == "integrated" for row in rows)
-        x, g = _outputs_and_gradients(model, hooks, packed, with_gradient, keep_context=integrated)
-        ig = _integrated_gradients(model, hooks, packed, ig_steps) if integrated else None
-    finally:
-        forget_recorded()
-        if temporary:
-            hooks.remove()
+    with_gradient = any(row.needs_gradient for row in rows)
+    integrated = any(row.gradient == "integrated" for row in rows)
+    # ExactAttention keeps a record pass's keys and values for the replays, until the block ends
+    with using_hooks(model, hooks) as hooks, ExactAttention(model) as attention:
+        x, g = _outputs_and_gradients(model, hooks, attention, packed, with_gradient, keep_context=integrated)
+        ig = _integrated_gradients(model, hooks, attention, packed, ig_steps) if integrated else None
 
     layout = hooks.layout
     head_shape = (*x[HEADS].shape[:-1], layout.num_heads, layout.head_dim)
@@ -273,6 +272,7 @@ def attribute(
     label_ids: torch.Tensor,
     metrics=DEFAULT_METRICS,
     ig_steps: int = 20,
+    hooks: UnitHooks | None = None,
 ) -> dict[str, UnitScores]:
     """Score every attention head and MLP neuron for every label token.
 
@@ -282,9 +282,10 @@ def attribute(
         label_ids: 1-D tensor, the dense model's greedy output y_0..y_{T-1}.
         metrics: any names of the score table (``pipeline.scores.metrics.SCORES``).
         ig_steps: number of integrated-gradient steps (``ig`` only).
+        hooks: a ``UnitHooks`` of ``model`` to work with; None: installed for this call and removed after.
 
     Returns:
         ``{metric: UnitScores}`` with ``heads`` ``[T, layers, heads]`` and ``neurons``
         ``[T, layers, neurons]``; row t scores the units for generating y_t.
     """
-    return attribute_batch(model, [prompt_ids.cpu()], [label_ids.cpu()], metrics, ig_steps)[0]
+    return attribute_batch(model, [prompt_ids.cpu()], [label_ids.cpu()], metrics, ig_steps, hooks=hooks)[0]

@@ -31,12 +31,14 @@ The function is registered with transformers' ``AttentionInterface`` (and the ea
 mask function under the same name, so causal and sliding-window masks arrive as
 additive 4-D tensors), so it works for every model that dispatches through that
 interface, grouped-query and sliding-window layers included, without touching any
-modeling code.
+modeling code. A model uses it only inside an ``ExactAttention.mode`` block, which names it
+in the model's config and restores the config's own implementation on exit.
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
+from contextvars import ContextVar
 
 import torch
 import torch.nn.functional as F
@@ -47,11 +49,45 @@ from transformers.masking_utils import AttentionMaskInterface, eager_mask
 IMPLEMENTATION = "sparseact_exact"
 
 
-class _Context:
-    """Where the detached keys/values come from: ``live`` (this pass), ``record`` or ``replay``."""
+class ExactAttention:
+    """The exact attention for one attribution call: switches ``model`` to it, pass by pass.
 
-    mode = "live"
-    store: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    ``mode(...)`` is the block of one pass: the model's config names this implementation
+    inside it and its own again after it, and the function below reads this object and the
+    mode from ``_ACTIVE``. A ``record`` pass keeps each layer's keys and values in this
+    object for ``replay`` passes; leaving the ``with`` block of the object drops them.
+    """
+
+    def __init__(self, model):
+        self.model = model
+        self.recorded: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(attention module) -> keys, values
+
+    def __enter__(self) -> "ExactAttention":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.recorded = {}
+
+    @contextmanager
+    def mode(self, mode: str = "live"):
+        """One pass with the exact attention: ``live`` (context = this pass, detached), ``record``
+        (the same, and keep it) or ``replay`` (context = the recorded pass)."""
+        configs = list({id(c): c for c in (self.model.config, self.model.config.get_text_config())}.values())
+        previous = [config._attn_implementation for config in configs]
+        for config in configs:
+            config._attn_implementation = IMPLEMENTATION
+        active = _ACTIVE.set((self, mode))
+        try:
+            yield
+        finally:
+            _ACTIVE.reset(active)
+            for config, name in zip(configs, previous):
+                config._attn_implementation = name
+
+
+# The pass in progress: transformers calls the registered function with the attention module
+# only, so the block of ``ExactAttention.mode`` sets it here and resets it on exit.
+_ACTIVE: ContextVar[tuple[ExactAttention | None, str]] = ContextVar("sparseact_exact_attention", default=(None, "live"))
 
 
 def exact_attention_forward(
@@ -64,20 +100,21 @@ def exact_attention_forward(
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
 
-    if _Context.mode == "replay":
-        key_ctx, value_ctx = _Context.store[id(module)]
+    attention, mode = _ACTIVE.get()
+    if mode == "replay":
+        key_ctx, value_ctx = attention.recorded[id(module)]
         if key_ctx.shape[0] != query.shape[0]:  # IG: every scaling step replays the same dense pass
             copies = query.shape[0] // key_ctx.shape[0]
             key_ctx, value_ctx = key_ctx.repeat(copies, 1, 1, 1), value_ctx.repeat(copies, 1, 1, 1)
     else:
         key_ctx, value_ctx = key.detach(), value.detach()
-        if _Context.mode == "record":
-            _Context.store[id(module)] = (key_ctx, value_ctx)
+        if mode == "record":
+            attention.recorded[id(module)] = (key_ctx, value_ctx)
 
     # Queries are the last positions; earlier keys may come from a no-grad cache.
     past = key.shape[-2] - query.shape[-2]
     mask = _additive_mask(attention_mask, query, key.shape[-2], past)
-    if _Context.mode != "replay" and softcap is None and _FUSED.get(query.device.type):
+    if mode != "replay" and softcap is None and _FUSED.get(query.device.type):
         return _fused(query, key, value, key_ctx, value_ctx, mask, scaling, past), None
     # q_i . (k_i - k_ctx_i): zero in value unless replaying; carries the gradient to the own key
     own = (query * (key[..., past:, :] - key_ctx[..., past:, :])).sum(-1)
@@ -210,30 +247,3 @@ def _fused(query, key, value, key_ctx, value_ctx, mask, scaling, past):
 
 AttentionInterface.register(IMPLEMENTATION, exact_attention_forward)
 AttentionMaskInterface.register(IMPLEMENTATION, eager_mask)
-
-
-def _set_implementation(model, name: str) -> None:
-    for config in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
-        config._attn_implementation = name
-
-
-@contextmanager
-def exact_attention(model, mode: str = "live"):
-    """Run ``model`` with the per-token-exact attention inside the block.
-
-    ``mode``: ``live`` (context = this pass, detached), ``record`` (same, and keep it)
-    or ``replay`` (context = the recorded pass; call ``forget_recorded`` after).
-    """
-    previous = model.config._attn_implementation
-    _set_implementation(model, IMPLEMENTATION)
-    _Context.mode = mode
-    try:
-        yield
-    finally:
-        _Context.mode = "live"
-        _set_implementation(model, previous)
-
-
-def forget_recorded() -> None:
-    """Drop the keys/values kept by a ``record`` pass."""
-    _Context.store = {}

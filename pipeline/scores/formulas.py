@@ -1,4 +1,4 @@
-"""The score formulas of SPEC section 4, from unit outputs ``x`` and gradients ``g``.
+"""The score formulas of docs/protocol.md §4.3, from unit outputs ``x`` and gradients ``g``.
 
 Shapes: heads ``[..., heads, head_dim]``, neurons ``[..., neurons]``; the ``...`` are
 the leading token and layer dimensions. Higher score = more important = keep.

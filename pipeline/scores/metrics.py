@@ -5,18 +5,20 @@ backward pass, which need integrated gradients, which are label-free and therefo
 deployable, which read the output projections, which mask by calibrated thresholds,
 which allocations they support, which are on by default) is a field of the row, so
 adding a score is one ``Score`` row plus its test. The formulas themselves are in
-``formulas.py``; the allocation names are those of ``masking/allocation.py``.
+``formulas.py``, imported when a score is first computed: the table needs no torch, so
+``pipeline.config`` reads it without loading one. The allocation names are those of
+``pipeline/masks/__init__.py``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
-from pipeline.scores import formulas as f
-from pipeline.scores.formulas import Terms, wina_head_scores, wina_neuron_scores  # noqa: F401  (re-exported)
+    from pipeline.scores.formulas import Terms
 
 EVERY_ALLOCATION = ("per_layer", "global", "calibrated")
 # Calibrated levels are searched on calibration rows and then applied to other rows: a
@@ -52,30 +54,42 @@ def _table(*rows: Score) -> dict[str, Score]:
     return {row.name: row for row in rows}
 
 
+def _formula(name: str) -> Callable:
+    """``formulas.<name>``, imported on the first call."""
+    def apply(terms):
+        from pipeline.scores import formulas
+
+        return getattr(formulas, name)(terms)
+
+    apply.__name__ = apply.__qualname__ = name
+    return apply
+
+
+def _formulas(score: str) -> tuple[Callable, Callable]:
+    """The head and neuron formulas of ``score`` (``formulas.<score>_heads``, ``formulas.<score>_neurons``)."""
+    return _formula(f"{score}_heads"), _formula(f"{score}_neurons")
+
+
 SCORES: dict[str, Score] = _table(
-    Score("magnitude", "|x_i|, ||x_h||: the unit's output size (label-free)", f.magnitude_heads,
-          f.magnitude_neurons, gradient=None, needs_labels=False, allocations=EVERY_ALLOCATION, default=True),
-    Score("gradient", "-g: the loss gradient alone", f.gradient_heads, f.gradient_neurons, default=True),
-    Score("gxo", "-g*x: gradient x output, first-order loss change of removing the unit", f.gxo_heads,
-          f.gxo_neurons, default=True),
-    Score("snip", "|g*x|", f.snip_heads, f.snip_neurons, default=True),
-    Score("ig", "integrated gradients from a zero baseline (ig_steps steps; 2 x layers extra passes)", f.gxo_heads,
-          f.gxo_neurons, gradient="integrated"),
-    Score("cor_gxo", "-g*x + |x|*||G_l||/2: the paper's corrected GxO", f.cor_gxo_heads, f.cor_gxo_neurons,
+    Score("magnitude", "|x_i|, ||x_h||: the unit's output size (label-free)", *_formulas("magnitude"),
+          gradient=None, needs_labels=False, allocations=EVERY_ALLOCATION, default=True),
+    Score("gradient", "-g: the loss gradient alone", *_formulas("gradient"), default=True),
+    Score("gxo", "-g*x: gradient x output, first-order loss change of removing the unit", *_formulas("gxo"),
           default=True),
-    Score("wina", "|x_i|*||W_down[:,i]||, ||W_o[:,h] x_h||: weight-informed magnitude (label-free)", f.wina_heads,
-          f.wina_neurons, gradient=None, needs_labels=False, allocations=EVERY_ALLOCATION, weights=True),
+    Score("snip", "|g*x|", *_formulas("snip"), default=True),
+    Score("ig", "integrated gradients from a zero baseline (ig_steps steps; 2 x layers extra passes)",
+          *_formulas("gxo"), gradient="integrated"),
+    Score("cor_gxo", "-g*x + |x|*||G_l||/2: the paper's corrected GxO", *_formulas("cor_gxo"), default=True),
+    Score("wina", "|x_i|*||W_down[:,i]||, ||W_o[:,h] x_h||: weight-informed magnitude (label-free)",
+          *_formulas("wina"), gradient=None, needs_labels=False, allocations=EVERY_ALLOCATION, weights=True),
     # Its own per-layer thresholds are its allocation: the count per token varies, so
     # neither a global ranking nor calibrated top-k levels apply to it.
     Score("static", "magnitude against per-layer thresholds calibrated on other rows, TEAL-style (label-free)",
-          f.magnitude_heads, f.magnitude_neurons, gradient=None, needs_labels=False, allocations=("per_layer",),
-          thresholds=True),
+          *_formulas("magnitude"), gradient=None, needs_labels=False, allocations=("per_layer",), thresholds=True),
 )
 
 METRICS = tuple(SCORES)
 DEFAULT_METRICS = tuple(name for name, row in SCORES.items() if row.default)
-# Scores a deployed model can compute itself: no labels, no gradients.
-LABEL_FREE = frozenset(name for name, row in SCORES.items() if row.label_free)
 NEEDS_GRADIENT = frozenset(name for name, row in SCORES.items() if row.needs_gradient)
 
 
@@ -93,17 +107,23 @@ def _row(metric: str) -> Score:
 
 def head_scores(metric: str, x: torch.Tensor, g: torch.Tensor | None, weights: torch.Tensor | None = None) -> torch.Tensor:
     """``metric``'s head importances from ``x``, ``g`` ``[..., heads, head_dim]`` (wina: ``weights``)."""
+    from pipeline.scores.formulas import Terms
+
     return _row(metric).heads(Terms(x, g, weights))
 
 
 def neuron_scores(metric: str, x: torch.Tensor, g: torch.Tensor | None, terms: dict | None = None,
                   weights: torch.Tensor | None = None) -> torch.Tensor:
     """``terms``: where ``|x|``, ``-g`` and ``-g * x`` are kept for other metrics of the same ``x`` and ``g``."""
+    from pipeline.scores.formulas import Terms
+
     return _row(metric).neurons(Terms(x, g, weights, terms))
 
 
 def neuron_score_set(metrics, x: torch.Tensor, g: torch.Tensor | None, g_ig: torch.Tensor | None = None,
                      weights: torch.Tensor | None = None) -> dict:
     """``neuron_scores`` of several metrics at once, sharing their terms (integrated-gradient scores use ``g_ig``)."""
+    from pipeline.scores.formulas import Terms
+
     plain, integrated = Terms(x, g, weights), Terms(x, g_ig, weights)
     return {m: _row(m).neurons(integrated if _row(m).gradient == "integrated" else plain) for m in metrics}

@@ -1,4 +1,4 @@
-"""The only place the model is touched: forward pre-hooks on the unit hook points.
+"""Where units are probed and switched off: forward pre-hooks on the unit hook points.
 
 Each layer's head-output point and neuron point (see ``models/adapters.py``) gets one
 pre-hook. What the hook does depends on the state set on ``UnitHooks``:
@@ -10,16 +10,26 @@ pre-hook. What the hook does depends on the state set on ``UnitHooks``:
   one) by that decoding step's 0/1 mask (``StepMasks``).
 
 Both are off by default, so an installed ``UnitHooks`` leaves the model's numbers alone.
+
+A ``UnitHooks`` is an object of the run, not of the model: the run makes one, installs it
+for its prediction loop (``runner/callbacks.py``) and passes it to attribution and
+decoding; removing it leaves the model as it was loaded. Library calls given none make
+their own for the call (``using_hooks``). The other places that change how the model
+computes, each for one block and undone after it: ``scores/exact_attention.py`` (the
+attention implementation) and ``masks/calibration.py`` (its own masking hooks for the
+teacher-forced calibration passes).
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
+from typing import Iterator
 
 import torch
 
-from pipeline.models.adapters import UnitLayout
+from pipeline.models.adapters import UnitLayout, layout_for
 
 HEADS, NEURONS = "heads", "neurons"
 
@@ -139,13 +149,18 @@ class UnitHooks:
         return (x.view_as(flat), *args[1:])
 
 
-def hooks_for(model) -> UnitHooks:
-    """The model's installed hooks, or a fresh (not yet installed) set."""
-    from pipeline.models.adapters import layout_for
+@contextmanager
+def using_hooks(model, hooks: UnitHooks | None) -> Iterator[UnitHooks]:
+    """The hooks one call works with.
 
-    existing = getattr(model, "_sparseact_hooks", None)
-    if existing is not None and existing.installed:
-        return existing
-    hooks = UnitHooks(layout_for(model))
-    model._sparseact_hooks = hooks
-    return hooks
+    ``hooks`` as passed (a run creates one ``UnitHooks``, installs it for the whole loop and
+    passes it down), installed for the block if they were not; or, when None, a fresh set
+    on ``model``, installed for the block and removed after it (library calls).
+    """
+    if hooks is None:
+        hooks = UnitHooks(layout_for(model))
+    if hooks.installed:
+        yield hooks
+        return
+    with hooks:
+        yield hooks

@@ -11,7 +11,7 @@ Work that is the same in every row is done once:
   and its cache is shared by all rows;
 * after a dense run (``dense_generate``), the leading steps in which no row switches a
   unit off are the dense run's own steps (e.g. step 0 under --protocol.dense_first_step, docs/protocol.md §6), so masked rows
-  start from the dense run's cache after them (``masked_after_dense``); a row that
+  start from the dense run's cache after them (``masked_after_dense_batch``); a row that
   switches nothing off at any step *is* the dense run and is not decoded again.
 
 On a GPU each decoding step is replayed from a captured CUDA graph where the model
@@ -29,14 +29,14 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from pipeline.masking.cuda_graph import (
+from pipeline.decoding.cuda_graph import (
     CHECK_EVERY,
     decode_captured,
     decode_captured_padded,
     graphs_enabled,
     padded_graphs_enabled,
 )
-from pipeline.masking.hooks import StepMasks, hooks_for
+from pipeline.hooks import StepMasks, UnitHooks, using_hooks
 from pipeline.models.inputs import pad, position_ids, with_cache
 
 DENSE_GRAPHS = True  # dense runs of a batch decode through captured padded steps where possible
@@ -100,23 +100,28 @@ def _lengths(tokens: torch.Tensor, eos: torch.Tensor, limits: torch.Tensor) -> l
 
 
 def _decode(model, prefix: DynamicCache, first_input: torch.Tensor, rows: int, steps: int, eos: torch.Tensor,
-            heads: torch.Tensor | None = None, neurons: torch.Tensor | None = None) -> list[list[int]]:
-    """Greedy steps after a batch-1 ``prefix`` for ``rows`` rows, masks ``[rows, steps, layers, units]``."""
+            heads: torch.Tensor | None = None, neurons: torch.Tensor | None = None,
+            hooks: UnitHooks | None = None) -> list[list[int]]:
+    """Greedy steps after a batch-1 ``prefix`` for ``rows`` rows, masks ``[rows, steps, layers, units]``
+    applied by ``hooks`` (installed)."""
     if steps == 0:
         return [[] for _ in range(rows)]
     first_input = first_input.expand(rows, 1)
-    tokens = decode_captured(model, prefix, first_input, rows, steps, eos, heads, neurons)
+    tokens = decode_captured(model, prefix, first_input, rows, steps, eos, heads, neurons, hooks=hooks)
     if tokens is None:
         if rows > 1:
             prefix.batch_repeat_interleave(rows)
-        return _decode_eager(model, prefix, first_input, eos, [steps] * rows, heads, neurons)
+        return _decode_eager(model, prefix, first_input, eos, [steps] * rows, heads, neurons, hooks=hooks)
     limits = torch.full((rows,), steps, device=tokens.device)
     return [row[:n] for row, n in zip(tokens.tolist(), _lengths(tokens, eos, limits))]
 
 
 def _decode_eager(model, cache, step_input, eos, limits: list[int], heads=None, neurons=None,
-                  attention_mask=None, positions=None, compact: bool = True) -> list[list[int]]:
+                  attention_mask=None, positions=None, compact: bool = True,
+                  hooks: UnitHooks | None = None) -> list[list[int]]:
     """The plain decoding loop: row r stops after ``limits[r]`` tokens or an end-of-sequence token.
+
+    ``heads``/``neurons``: per-step masks, applied by ``hooks`` (installed); None: dense.
 
     With ``compact``, finished rows leave the batch (their cache rows are dropped), so
     rows of samples with short answers cost nothing once done; without it the cache
@@ -125,10 +130,6 @@ def _decode_eager(model, cache, step_input, eos, limits: list[int], heads=None, 
     """
     rows, device = step_input.shape[0], step_input.device
     cached = with_cache(model, cache)  # the cache object stays the same; rows leave it in place
-    hooks = hooks_for(model)
-    temporary = not hooks.installed
-    if heads is not None:
-        hooks.install()
     limit = torch.tensor(limits, device=device)
     tokens = torch.zeros(rows, max(limits), dtype=torch.long, device=device)
     alive = torch.arange(rows, device=device)  # batch row -> output row
@@ -162,9 +163,8 @@ def _decode_eager(model, cache, step_input, eos, limits: list[int], heads=None, 
                 if attention_mask is not None:
                     attention_mask, positions = attention_mask[keep], positions[keep]
     finally:
-        hooks.masks = None
-        if temporary:
-            hooks.remove()
+        if hooks is not None:
+            hooks.masks = None
     return [row[:n] for row, n in zip(tokens.tolist(), _lengths(tokens, eos, limit))]
 
 
@@ -243,27 +243,26 @@ def _masked_work(dense: DenseRun, head_keep, neuron_keep) -> _MaskedWork:
 
 
 @torch.no_grad()
-def masked_after_dense(model, dense: DenseRun, head_keep: torch.Tensor, neuron_keep: torch.Tensor,
-                       eos_token_ids) -> list[list[int]]:
-    """Masked greedy outputs of every row, at most ``len(dense.tokens)`` tokens each.
-
-    ``head_keep`` ``[rows, steps, layers, heads]``, ``neuron_keep`` ``[rows, steps, layers, neurons]``
-    with ``steps >= len(dense.tokens)``. Steps before the first switched-off unit of any
-    row, and rows that never switch a unit off, are the dense run's.
-    """
-    return masked_after_dense_batch(model, [dense], [head_keep], [neuron_keep], eos_token_ids)[0]
-
-
-@torch.no_grad()
 def masked_after_dense_batch(model, dense: list[DenseRun], head_keep: list[torch.Tensor],
-                             neuron_keep: list[torch.Tensor], eos_token_ids) -> list[list[list[int]]]:
-    """``masked_after_dense`` for several samples: their rows decode in one left-padded batch.
+                             neuron_keep: list[torch.Tensor], eos_token_ids,
+                             hooks: UnitHooks | None = None) -> list[list[list[int]]]:
+    """Masked greedy outputs of every row of several samples, each at most its dense run's length.
+
+    Per sample, ``head_keep`` ``[rows, steps, layers, heads]`` and ``neuron_keep``
+    ``[rows, steps, layers, neurons]`` with ``steps >= len(dense.tokens)``. Steps before the
+    first switched-off unit of any row, and rows that never switch a unit off, are the
+    dense run's. ``hooks``: the run's ``UnitHooks``; None: installed for this call only.
 
     On a GPU with captured padded steps the rows of many samples share each replayed
     step (``_masked_groups_captured``); with captured steps but no padded ones each
     sample decodes on its own; elsewhere one eager batch uses the matrix units better,
     and rows leave the batch as their sample's answer length is reached.
     """
+    with using_hooks(model, hooks) as hooks:
+        return _masked_rows(model, dense, head_keep, neuron_keep, eos_token_ids, hooks)
+
+
+def _masked_rows(model, dense, head_keep, neuron_keep, eos_token_ids, hooks: UnitHooks) -> list[list[list[int]]]:
     device = dense[0].prompt_ids.device
     eos = _eos(eos_token_ids, device)
     work = [_masked_work(d, h, n) for d, h, n in zip(dense, head_keep, neuron_keep)]
@@ -272,7 +271,7 @@ def masked_after_dense_batch(model, dense: list[DenseRun], head_keep: list[torch
     if not todo:
         return outputs
     if MASKED_GROUPS and len(todo) > 1 and padded_graphs_enabled(model):
-        todo = _masked_groups_captured(model, work, todo, eos, outputs)  # what could not be captured remains
+        todo = _masked_groups_captured(model, work, todo, eos, outputs, hooks)  # what could not be captured remains
         if not todo:
             return outputs
     if graphs_enabled(model) or len(todo) == 1:
@@ -280,7 +279,7 @@ def masked_after_dense_batch(model, dense: list[DenseRun], head_keep: list[torch
             w = work[i]
             prefix, first_input = w.dense.prefix(model, w.shared)
             decoded = _decode(model, prefix, first_input, len(w.active), len(w.dense.tokens) - w.shared, eos,
-                              w.heads, w.neurons)
+                              w.heads, w.neurons, hooks=hooks)
             for row, tokens in zip(w.active, decoded):
                 outputs[i][row] = w.dense.tokens[:w.shared] + tokens
         return outputs
@@ -291,7 +290,8 @@ def masked_after_dense_batch(model, dense: list[DenseRun], head_keep: list[torch
     limits = [len(work[i].dense.tokens) - work[i].shared for i in todo for _ in work[i].active]
     heads = torch.cat([_pad_steps(work[i].heads, max(limits)) for i in todo])
     neurons = torch.cat([_pad_steps(work[i].neurons, max(limits)) for i in todo])
-    decoded = _decode_eager(model, cache, first, eos, limits, heads, neurons, attention_mask=mask, positions=positions)
+    decoded = _decode_eager(model, cache, first, eos, limits, heads, neurons, attention_mask=mask, positions=positions,
+                            hooks=hooks)
     rows = iter(decoded)
     for i in todo:
         w = work[i]
@@ -345,7 +345,8 @@ def _group_rows(model, items: list[_MaskedWork]) -> int:
     return max(max(len(w.active) for w in items), min(GROUP_MAX_ROWS, budget // (per_position * capacity)))
 
 
-def _masked_groups_captured(model, work: list[_MaskedWork], todo: list[int], eos, outputs) -> list[int]:
+def _masked_groups_captured(model, work: list[_MaskedWork], todo: list[int], eos, outputs,
+                            hooks: UnitHooks) -> list[int]:
     """Decode the masked rows of several samples per captured step; returns the samples left undone.
 
     Whole samples fill groups of up to ``_group_rows`` rows; every group is padded (with
@@ -377,7 +378,7 @@ def _masked_groups_captured(model, work: list[_MaskedWork], todo: list[int], eos
             index = torch.cat([torch.arange(real, device=device), torch.full((rows - real,), real - 1, device=device)])
             kv = [(keys[index], values[index]) for keys, values in kv]
             mask, positions, first, heads, neurons = (t[index] for t in (mask, positions, first, heads, neurons))
-        captured = decode_captured_padded(model, kv, mask, positions, first, steps, eos, heads, neurons)
+        captured = decode_captured_padded(model, kv, mask, positions, first, steps, eos, heads, neurons, hooks)
         if captured is None:
             left += group
             continue
@@ -398,6 +399,7 @@ def greedy_generate(
     eos_token_ids: list[int],
     head_keep: torch.Tensor | None = None,
     neuron_keep: torch.Tensor | None = None,
+    hooks: UnitHooks | None = None,
 ) -> list[list[int]]:
     """Generate greedily from one prompt, once per mask row.
 
@@ -407,6 +409,7 @@ def greedy_generate(
         eos_token_ids: generation of a row stops after any of these (it is kept).
         head_keep: ``[rows, steps, layers, heads]`` 0/1 keep masks (or None: dense, one row).
         neuron_keep: ``[rows, steps, layers, neurons]``.
+        hooks: the ``UnitHooks`` that apply the masks; None: installed for this call only.
 
     Returns: one list of generated token ids per row.
     """
@@ -416,18 +419,20 @@ def greedy_generate(
     prompt_ids = prompt_ids.to(device)
     heads, neurons = (_pad_steps(keep.to(device=device, dtype=torch.bool), max_new_tokens)  # steps without a mask are dense
                       for keep in (head_keep, neuron_keep))
-    return _decode(model, _encode(model, prompt_ids[:-1]), prompt_ids[-1:].view(1, 1), head_keep.shape[0],
-                   max_new_tokens, _eos(eos_token_ids, device), heads, neurons)
+    with using_hooks(model, hooks) as hooks:
+        return _decode(model, _encode(model, prompt_ids[:-1]), prompt_ids[-1:].view(1, 1), head_keep.shape[0],
+                       max_new_tokens, _eos(eos_token_ids, device), heads, neurons, hooks=hooks)
 
 
-def masked_generate(model, prompt_ids, head_keep, neuron_keep, eos_token_ids, max_new_tokens=None):
+def masked_generate(model, prompt_ids, head_keep, neuron_keep, eos_token_ids, max_new_tokens=None, hooks=None):
     """Masked greedy generation from given keep masks (library entry point).
 
     ``head_keep`` ``[steps, layers, heads]`` or ``[rows, steps, layers, heads]``, likewise
     ``neuron_keep``; generates at most ``steps`` tokens (or ``max_new_tokens``).
+    ``hooks``: a ``UnitHooks`` of ``model`` to reuse; None: installed for this call only.
     Returns a list of token-id lists, one per row.
     """
     if head_keep.dim() == 3:
         head_keep, neuron_keep = head_keep.unsqueeze(0), neuron_keep.unsqueeze(0)
     steps = head_keep.shape[1] if max_new_tokens is None else max_new_tokens
-    return greedy_generate(model, prompt_ids, steps, list(eos_token_ids), head_keep, neuron_keep)
+    return greedy_generate(model, prompt_ids, steps, list(eos_token_ids), head_keep, neuron_keep, hooks)

@@ -4,7 +4,7 @@ Scores rank units; an allocation turns a level ``p`` into keep masks. Allocation
 the answer as much as the score does, so it is a choice of its own
 (``--protocol.allocation``):
 
-* ``per_layer`` (SPEC section 5, the paper's rule and the default): per token, layer and
+* ``per_layer`` (docs/protocol.md §5, the paper's rule and the default): per token, layer and
   unit kind, the ``floor(p * n)`` lowest-scoring units are switched off.
 * ``global``: per token and unit kind, the units of all layers are ranked together and
   the lowest ``floor(p * layers * n)`` are switched off, so layers lose different counts.
@@ -22,20 +22,8 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.masking.masks import keep_masks, units_off
-
-ALLOCATIONS = {
-    "per_layer": "floor(p*n) lowest units of every layer, per token (the paper's rule)",
-    "global": "lowest floor(p*layers*n) units of all layers together, per token, after --protocol.normalize",
-    "calibrated": "per-layer levels from a greedy search on calibration rows (label-free scores)",
-}
-
-NORMALIZATIONS = {
-    "none": "raw scores",
-    "mean": "each layer's scores divided by the layer's mean |score| at that token",
-    "l2": "each layer's scores divided by the layer's L2 norm at that token",
-    "rank": "each unit's rank within its layer at that token, (rank + 1) / units (ties: lower index lower)",
-}
+from pipeline.masks import ALLOCATIONS, NORMALIZATIONS
+from pipeline.masks.masks import keep_masks, units_off
 
 
 def _safe(scale: torch.Tensor) -> torch.Tensor:

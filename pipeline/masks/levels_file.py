@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 
 from pipeline.errors import UserError
-from pipeline.masking import calibration
-from pipeline.masking.calibration import FORMAT, layer_gain, levels_for
+from pipeline.masks import calibration
+from pipeline.masks.calibration import FORMAT, layer_gain, levels_for
 from pipeline.models.adapters import UnitLayout
 
 LEVELS_FILE = "allocation_levels.json"

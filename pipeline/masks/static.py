@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.masking.generation import greedy_generate
+from pipeline.decoding.generation import greedy_generate
 from pipeline.models.prompts import answer_length, prompt_ids
 from pipeline.scores.attribution import attribute
 

@@ -3,7 +3,7 @@
 Start with every layer dense; at each step raise the level of the one layer whose
 increase costs the least loss per unit of sparsity gained; record each step. One
 greedy path gives the per-layer levels of every ``p``: the first state on the path
-whose parameter-weighted sparsity (SPEC section 5) reaches ``p``.
+whose parameter-weighted sparsity (docs/protocol.md §5.2) reaches ``p``.
 
 * **Loss.** Mean KL(dense || masked) of the next-token distributions over the
   calibration rows' generated positions, teacher-forced on the dense greedy
@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from pipeline.masking.masks import keep_masks, units_off
+from pipeline.masks.masks import keep_masks, units_off
 from pipeline.models.adapters import UnitLayout
 from pipeline.models.inputs import with_cache
 
@@ -100,7 +100,7 @@ class CalibrationRows:
     """Calibration rows prepared once for many masked passes.
 
     Masks apply at the positions that predict the labels, each with its own token's
-    mask; the prompt before them stays dense (SPEC section 6), so it runs once and every
+    mask; the prompt before them stays dense (docs/protocol.md §6), so it runs once and every
     masked pass starts from a copy of its cache. Rows of similar answer length share a
     padded batch (``_Group``): a batch is as long as its longest answer, and one long
     answer would make every short one pay for its length.
@@ -298,7 +298,7 @@ def search(rows: CalibrationRows, layout: UnitLayout, heads: torch.Tensor, neuro
 def calibrate_levels(model, tokenizer, template: str, samples, metrics: list[str], layout: UnitLayout,
                      max_new_tokens: int, stop_ids: list[int], step: float) -> dict:
     """The levels document (``levels_file.LEVELS_FILE``) of every score in ``metrics``, from the calibration ``samples``."""
-    from pipeline.masking.generation import dense_generate_batch
+    from pipeline.decoding.generation import dense_generate_batch
     from pipeline.models.prompts import answer_length, prompt_ids
     from pipeline.scores.attribution import attribute_batch
 

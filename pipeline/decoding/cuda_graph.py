@@ -25,7 +25,7 @@ import warnings
 
 import torch
 
-from pipeline.masking.hooks import StepMasks, hooks_for
+from pipeline.hooks import StepMasks, UnitHooks
 from pipeline.models.inputs import with_cache
 
 _POOL = None  # one memory pool shared by all captured graphs
@@ -35,7 +35,8 @@ CHECK_EVERY = 8  # steps between "has every row finished?" checks on a GPU (each
 class CapturedDecoder:
     """A static cache of ``capacity`` positions for ``rows`` rows and one captured step."""
 
-    def __init__(self, model, rows: int, capacity: int, masked: bool, padded: bool = False):
+    def __init__(self, model, rows: int, capacity: int, masked: bool, hooks: UnitHooks | None = None,
+                 padded: bool = False):
         from transformers import StaticCache
 
         self.model, self.rows, self.capacity = model, rows, capacity
@@ -46,7 +47,7 @@ class CapturedDecoder:
         self.cached = with_cache(model, self.cache)
         self.input_ids = torch.zeros(rows, 1, dtype=torch.long, device=device)
         self.next_token = torch.zeros(rows, dtype=torch.long, device=device)
-        self.masks = StepMasks(rows, hooks_for(model).layout, device) if masked else None
+        self.masks = StepMasks(rows, hooks.layout, device) if masked else None
         self.graph: torch.cuda.CUDAGraph | None = None
         self.padded = padded
         if padded:  # which cache columns each row attends to, its next position, the column being written
@@ -72,11 +73,10 @@ class CapturedDecoder:
             self.column.fill_(width)
             self.position_ids.copy_(positions.view(-1, 1))
 
-    def _step(self) -> None:
-        hooks = hooks_for(self.model)
-        if self.masks is not None:
-            hooks.install()
-        hooks.masks = self.masks
+    def _step(self, hooks: UnitHooks | None) -> None:
+        """One step; masked, ``hooks`` (installed) multiply by ``self.masks``: the capture records that."""
+        if hooks is not None:
+            hooks.masks = self.masks
         try:
             extra = {}
             if self.padded:  # the column this step writes becomes visible to its own row
@@ -89,9 +89,10 @@ class CapturedDecoder:
                 self.column.add_(1)
                 self.position_ids.add_(1)
         finally:
-            hooks.masks = None
+            if hooks is not None:
+                hooks.masks = None
 
-    def _capture(self, kv, first_input, heads, neurons, prefix_mask=None, positions=None) -> None:
+    def _capture(self, kv, first_input, heads, neurons, hooks, prefix_mask=None, positions=None) -> None:
         # Every attention kernel may serve the captured step, cuDNN's too (its plan is built once
         # here; a run may have switched it off for its eager passes, where each shape needs a plan):
         # masked decoding took 8.5 s with it and 11.6-12.3 s without (Phi-2 shape, 256 questions, H200).
@@ -100,9 +101,9 @@ class CapturedDecoder:
         everything = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
                       SDPBackend.MATH]
         with sdpa_kernel(everything):  # enabled, in PyTorch's own order of preference
-            self._capture_step(kv, first_input, heads, neurons, prefix_mask, positions)
+            self._capture_step(kv, first_input, heads, neurons, hooks, prefix_mask, positions)
 
-    def _capture_step(self, kv, first_input, heads, neurons, prefix_mask=None, positions=None) -> None:
+    def _capture_step(self, kv, first_input, heads, neurons, hooks, prefix_mask=None, positions=None) -> None:
         global _POOL
         # Warm up on a side stream (library handles, workspaces), as CUDA graph capture requires.
         stream = torch.cuda.Stream()
@@ -110,21 +111,22 @@ class CapturedDecoder:
         with torch.cuda.stream(stream):
             if self.masks is not None:
                 self.masks.load(heads[:, 0], neurons[:, 0])
-            self._step()
+            self._step(hooks)
         torch.cuda.current_stream().wait_stream(stream)
         self._start(kv, first_input, prefix_mask, positions)  # the warm-up step wrote into the cache
         _POOL = _POOL or torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=_POOL):
-            self._step()
+            self._step(hooks)
         self.graph = graph
 
     def decode(self, kv, first_input, steps: int, eos: torch.Tensor, heads=None, neurons=None,
-               prefix_mask=None, positions=None) -> torch.Tensor:
-        """Tokens ``[rows, <= steps]``; masks ``[rows, steps, layers, units]`` when masked."""
+               hooks: UnitHooks | None = None, prefix_mask=None, positions=None) -> torch.Tensor:
+        """Tokens ``[rows, <= steps]``; masks ``[rows, steps, layers, units]`` when masked, which ``hooks``
+        (installed) apply while the step is captured."""
         self._start(kv, first_input, prefix_mask, positions)
         if self.graph is None:
-            self._capture(kv, first_input, heads, neurons, prefix_mask, positions)
+            self._capture(kv, first_input, heads, neurons, hooks, prefix_mask, positions)
         tokens = torch.zeros(self.rows, steps, dtype=torch.long, device=self.input_ids.device)
         for step in range(steps):
             if self.masks is not None:
@@ -141,7 +143,8 @@ def graphs_enabled(model) -> bool:
     return next(model.parameters()).device.type == "cuda" and not getattr(model, "_sparseact_no_graphs", False)
 
 
-def decode_captured(model, prefix, first_input, rows: int, steps: int, eos, heads=None, neurons=None):
+def decode_captured(model, prefix, first_input, rows: int, steps: int, eos, heads=None, neurons=None,
+                    hooks: UnitHooks | None = None):
     """``CapturedDecoder.decode`` with the model's decoder, or None where graphs are not used."""
     if not graphs_enabled(model):
         return None
@@ -157,8 +160,8 @@ def decode_captured(model, prefix, first_input, rows: int, steps: int, eos, head
             capacity = 64
             while capacity < positions:
                 capacity *= 2
-            decoder = decoders[(rows, masked)] = CapturedDecoder(model, rows, capacity, masked)
-        return decoder.decode(kv, first_input, steps, eos, heads, neurons)
+            decoder = decoders[(rows, masked)] = CapturedDecoder(model, rows, capacity, masked, hooks)
+        return decoder.decode(kv, first_input, steps, eos, heads, neurons, hooks)
     except Exception as error:  # noqa: BLE001 - whatever fails to capture is decoded without graphs
         warnings.warn(f"decoding without CUDA graphs for this model ({type(error).__name__}: {error})", stacklevel=2)
         model._sparseact_no_graphs = True
@@ -180,7 +183,7 @@ def padded_graphs_enabled(model) -> bool:
 
 
 def decode_captured_padded(model, kv, prefix_mask: torch.Tensor, positions: torch.Tensor, first_input: torch.Tensor,
-                           steps: int, eos, heads=None, neurons=None):
+                           steps: int, eos, heads=None, neurons=None, hooks: UnitHooks | None = None):
     """Greedy steps for rows with their own left-padded prefixes, or None where not captured.
 
     ``kv``: per layer ``(keys, values)`` ``[rows, heads, width, dim]`` (empty list for width 0);
@@ -200,10 +203,10 @@ def decode_captured_padded(model, kv, prefix_mask: torch.Tensor, positions: torc
         if decoder is None:
             for old in [k for k in decoders if k[0] == "padded"][: -PADDED_DECODERS_KEPT + 1 or None]:
                 del decoders[old]  # oldest first (dicts keep insertion order)
-            decoder = decoders[key] = CapturedDecoder(model, rows, capacity, masked, padded=True)
+            decoder = decoders[key] = CapturedDecoder(model, rows, capacity, masked, hooks, padded=True)
         else:  # most recently used last
             decoders[key] = decoders.pop(key)
-        return decoder.decode(kv, first_input, steps, eos, heads, neurons, prefix_mask, positions), decoder.cache
+        return decoder.decode(kv, first_input, steps, eos, heads, neurons, hooks, prefix_mask, positions), decoder.cache
     except Exception as error:  # noqa: BLE001 - whatever fails to capture is decoded without graphs
         warnings.warn(f"decoding without CUDA graphs for this model ({type(error).__name__}: {error})", stacklevel=2)
         model._sparseact_no_graphs = True

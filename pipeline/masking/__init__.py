@@ -1,1 +1,0 @@
-"""Masks: which units are switched off (masks.py), where that happens (hooks.py), masked decoding (generation.py)."""
