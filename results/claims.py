@@ -49,6 +49,39 @@ def main() -> None:
     if any((ROOT / "allocation").glob("*/run.json")):
         print()
         print(text_report([str(ROOT / "allocation")]))
+    if any((ROOT / "lm_eval" / "runs").rglob("run.json")):
+        print()
+        lm_eval_table()
+
+
+def lm_eval_table() -> None:
+    """README "lm-eval results": TruthfulQA MC1/MC2 accuracy (lm-eval, first 200 questions) and the
+    agreement of the MC1 choice with the dense model's, next to the BLEU of the generated answer
+    against the dense one (``sparseact run``, per_layer, first 100 questions) for the same model,
+    score and level."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("summarize", ROOT / "lm_eval" / "summarize.py")
+    summarize = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(summarize)
+    cells = summarize.collect(ROOT / "lm_eval" / "runs")
+    generation = {RunData(d).model: RunData(d) for d in find_runs([str(ROOT / "allocation")])}
+    print("| model | score | p | MC1 acc [95%] | MC2 acc [95%] | MC1 same choice as dense [95%] "
+          "| BLEU vs dense, generated answers [95%] |")
+    print("|---|---|---|---|---|---|---|")
+    for model in sorted({m for m, _ in cells}):
+        mc1, mc2 = cells.get((model, "truthfulqa_mc1_local"), {}), cells.get((model, "truthfulqa_mc2_local"), {})
+        for key in sorted(mc1, key=lambda k: (k[0] != "dense", k)):
+            acc1 = fmt(*summarize.interval([d["score"] for d in mc1[key].values()]))
+            acc2 = fmt(*summarize.interval([d["score"] for d in mc2[key].values()])) if key in mc2 else "-"
+            dense = mc1.get(("dense", 0.0))
+            same = fmt(*summarize.interval(summarize.fidelity("truthfulqa_mc1_local", mc1[key], dense))) if dense else "-"
+            run, bleu = generation.get(model), "-"
+            score, level = key
+            if run is not None and score != "dense" and score in run.metrics:
+                half = run.at_level(run.metrics.index(score), level)
+                bleu = fmt(*half["bleu"], digits=1) if half and half["bleu"] else "-"
+            print(f"| {model} | {score} | {level} | {acc1} | {acc2} | {same} | {bleu} |")
 
 
 if __name__ == "__main__":

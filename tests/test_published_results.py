@@ -61,3 +61,40 @@ def test_published_smollm2_truthfulqa_records_reproduce(tmp_path):
                   or not all(_close(record[k], published[key][k]) for k in COMPARED)]
     print(f"{len(fresh) - len(mismatched)} of {len(fresh)} records reproduce exactly")
     assert len(mismatched) <= 0.05 * len(fresh), f"{len(mismatched)} of {len(fresh)} records differ: {mismatched[:5]}"
+
+
+ALLOCATION = Path(__file__).resolve().parents[1] / "results" / "allocation"
+
+
+def _published_allocation_runs():
+    runs = sorted(p.parent for p in ALLOCATION.glob("*/run.json"))
+    if not runs:
+        pytest.skip("results/allocation holds no published run")
+    return runs
+
+
+@pytest.mark.parametrize("run_dir", _published_allocation_runs() if ALLOCATION.exists() else [], ids=lambda p: p.name)
+def test_published_allocation_records_hold_together(run_dir):
+    """The scores x allocations runs (published from an H200, so not re-run on this CPU): every
+    record's achieved sparsity is the parameter-weighted off-fraction of its per-layer kept
+    fractions, and every global row switches off exactly floor(p * layers * units) units of each
+    kind per decoded step (step 0 dense), recounted here from the kept fractions."""
+    shape = json.loads((run_dir / "allocation_levels.json").read_text())
+    layers, heads, neurons, share = shape["layers"], shape["heads"], shape["neurons"], shape["attention_share"]
+    records = read_records(run_dir)
+    info = json.loads((run_dir / RUN_INFO).read_text())
+    levels = info["config"]["protocol"]["levels"]
+    assert info["config"]["protocol"]["dense_first_step"]
+    assert len(records) == 100 * len(levels) * len({(r["metric"], r["allocation"], r["normalize"]) for r in records})
+    checked = 0
+    for r in records:
+        heads_off = 1 - sum(r["kept_heads"]) / layers
+        neurons_off = 1 - sum(r["kept_neurons"]) / layers
+        assert abs(r["sparsity"] - (share * heads_off + (1 - share) * neurons_off)) < 2e-4
+        if r["allocation"] == "global" and r["level"] > 0:
+            steps = max(1, r["n_tokens"])
+            for off, units in ((heads_off, heads), (neurons_off, neurons)):
+                expected = (steps - 1) / steps * (int(r["level"] * layers * units + 1e-9) / (layers * units))
+                assert abs(off - expected) < 1e-3, (r["sample_id"], r["metric"], r["normalize"], r["level"])
+            checked += 1
+    assert checked > 1000

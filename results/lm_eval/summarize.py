@@ -11,6 +11,7 @@ GSM8K exact match of the last number (flexible-extract).
 
 from __future__ import annotations
 
+import gzip
 import json
 import sys
 from collections import defaultdict
@@ -29,11 +30,23 @@ def interval(values, seed: int = 0, draws: int = 2000) -> tuple[float, float, fl
     return values.mean(), *np.percentile(means, [2.5, 97.5])
 
 
+def _samples_path(run: Path, task: str) -> Path | None:
+    """lm-eval's samples of one task: as written, or gzipped as published."""
+    for name in (f"samples_{task}.jsonl", f"samples_{task}.jsonl.gz"):
+        if (run / name).exists():
+            return run / name
+    return None
+
+
+def _samples_text(run: Path, task: str) -> str:
+    path = _samples_path(run, task)
+    return gzip.decompress(path.read_bytes()).decode() if path.suffix == ".gz" else path.read_text()
+
+
 def per_doc(run: Path, task: str) -> dict[str, dict]:
     metric, filt = METRIC[task]
     out = {}
-    path = run / f"samples_{task}.jsonl"
-    for line in path.read_text().splitlines():
+    for line in _samples_text(run, task).splitlines():
         sample = json.loads(line)
         if sample["filter"] != filt:
             continue
@@ -52,15 +65,21 @@ def fidelity(task: str, docs: dict, dense: dict) -> list[float]:
     return [float(d["choice"] == dense[k]["choice"]) for k, d in docs.items()]
 
 
-def main(root: str) -> None:
-    cells = defaultdict(dict)  # (model, task) -> {(score, level): docs}
+def collect(root) -> dict:
+    """``{(model, task): {(score, level): per_doc}}`` over the run directories under ``root``."""
+    cells = defaultdict(dict)
     for run_json in sorted(Path(root).rglob("run.json")):
         run = run_json.parent
         config = json.loads(run_json.read_text())["config"]
         for task in config["tasks"]:
-            if (run / f"samples_{task}.jsonl").exists():
+            if _samples_path(run, task) is not None:
                 key = ("dense", 0.0) if config["level"] == 0 else (config["score"], config["level"])
                 cells[(config["model"], task)][key] = per_doc(run, task)
+    return cells
+
+
+def main(root: str) -> None:
+    cells = collect(root)
     print("| model | task | score | level | n | accuracy [95% CI] | fidelity to dense [95% CI] |")
     print("|---|---|---|---|---|---|---|")
     for (model, task), runs in sorted(cells.items()):
