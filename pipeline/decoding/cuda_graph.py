@@ -163,11 +163,16 @@ def decode_captured(model, prefix, first_input, rows: int, steps: int, eos, head
             decoder = decoders[(rows, masked)] = CapturedDecoder(model, rows, capacity, masked, hooks)
         return decoder.decode(kv, first_input, steps, eos, heads, neurons, hooks)
     except Exception as error:  # noqa: BLE001 - whatever fails to capture is decoded without graphs
-        warnings.warn(f"decoding without CUDA graphs for this model ({type(error).__name__}: {error})", stacklevel=2)
-        model._sparseact_no_graphs = True
-        model.__dict__.pop("_sparseact_decoders", None)
-        torch.cuda.synchronize()
-        return None
+        return _without_graphs(model, error)
+
+
+def _without_graphs(model, error: Exception) -> None:
+    """After a failed capture: warn once, and decode this model without graphs from now on."""
+    warnings.warn(f"decoding without CUDA graphs for this model ({type(error).__name__}: {error})", stacklevel=3)
+    model._sparseact_no_graphs = True
+    model.__dict__.pop("_sparseact_decoders", None)
+    torch.cuda.synchronize()
+    return None
 
 
 PADDED_DECODERS_KEPT = 2  # padded decoders hold large caches: keep the most recent few
@@ -208,8 +213,4 @@ def decode_captured_padded(model, kv, prefix_mask: torch.Tensor, positions: torc
             decoders[key] = decoders.pop(key)
         return decoder.decode(kv, first_input, steps, eos, heads, neurons, hooks, prefix_mask, positions), decoder.cache
     except Exception as error:  # noqa: BLE001 - whatever fails to capture is decoded without graphs
-        warnings.warn(f"decoding without CUDA graphs for this model ({type(error).__name__}: {error})", stacklevel=2)
-        model._sparseact_no_graphs = True
-        model.__dict__.pop("_sparseact_decoders", None)
-        torch.cuda.synchronize()
-        return None
+        return _without_graphs(model, error)
