@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import sys
 
-from pipeline.config import DataConfig, ModelConfig, ProtocolConfig, RunConfig
+from pipeline.config import DataConfig, LmEvalCells, ModelConfig, ProtocolConfig, RunConfig
 from pipeline.errors import UserError
 
 
@@ -35,22 +35,29 @@ def sweep(
     run: RunConfig = RunConfig(),
     root: str = "runs/sweep",
     slurm: bool = False,
+    lmeval: list[LmEvalCells] | None = None,
 ) -> None:
-    """Run every model on every dataset, one run directory per cell under ``root``.
+    """Run every model on every dataset (or lm-eval tasks), one run directory per cell under ``root``.
 
-    A killed sweep rerun with the same file finishes only what is missing.
+    With ``lmeval``, every model runs lm-eval tasks, one ``sparseact lmeval`` run per cell.
+    A killed sweep rerun with the same file finishes only what is missing. Every cell is
+    checked before the first one runs.
 
     Args:
         models: Models, each as in ``sparseact run --model``.
         datasets: Datasets, each as in ``sparseact run --data``.
         protocol: One protocol for every cell.
         run: Hardware and batch options for every cell (output_dir is set per cell).
-        root: Directory that holds one run directory per (model, dataset) cell.
+        root: Directory that holds one run directory per cell.
         slurm: Write one config per cell and the job-array command instead of running.
+        lmeval: Task sets for lm-eval cells instead of datasets (needs the [lmeval] extra): per model,
+            task set, score and level above 0 one cell <model>__<name>__<score>-<level>-<allocation>, and
+            one dense cell <model>__<name>__dense when levels hold 0. A cell with results.json is skipped.
+            datasets, protocol and run are then left unset.
     """
     from pipeline.sweep import run_sweep
 
-    run_sweep(models, datasets, protocol, run, root, slurm)
+    run_sweep(models, datasets, protocol, run, root, slurm, lmeval)
 
 
 def report(runs: list[str] | str, output: str | None = None, heatmap_metric: str | None = None,
@@ -111,7 +118,8 @@ def lmeval(
         include_path: More directories of lm-eval task YAMLs.
         data_dir: Directory holding truthfulqa/TruthfulQA.csv and gsm8k/test.jsonl (default ../shared/data,
             or $SPARSEACT_DATA_DIR).
-        output_dir: Run directory (default runs/lmeval/<model>__<score>-<level>-<allocation>__<fingerprint>).
+        output_dir: Run directory (default runs/lmeval/<model>__<score>-<level>-<allocation>__<fingerprint>;
+            level 0: runs/lmeval/<model>__dense__<fingerprint>).
         device: auto, cpu, cuda or cuda:N.
         ig_steps: Integrated-gradient steps (score ig).
         apply_chat_template: Format prompts with the tokenizer's chat template (lm-eval's option).

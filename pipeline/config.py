@@ -230,6 +230,46 @@ class RunConfig:
     """Write curves.png."""
 
 
+@dataclass
+class LmEvalCells:
+    """lm-eval cells of ``sparseact sweep``: these tasks for every model x score x level
+    (``sparseact lmeval``'s options, with lists of scores and levels)."""
+
+    name: str = "truthfulqa"
+    """Label of this task set in the cells' directory names, <model>__<name>__<score>-<level>-<allocation>
+    (level 0: <model>__<name>__dense)."""
+    tasks: list[str] = field(default_factory=lambda: ["truthfulqa_mc1_local"])
+    """lm-eval task names, all run in each cell (as sparseact lmeval --tasks)."""
+    scores: list[str] = field(default_factory=lambda: ["wina"])
+    """Scores, each run at every level above 0."""
+    levels: list[float] = field(default_factory=lambda: [0.0, 0.5])
+    """Sparsity levels p in [0, 1). Level 0 (the dense model, whatever the score) is one cell per model."""
+    allocation: str = "per_layer"
+    """How a level becomes keep masks (as sparseact lmeval --allocation)."""
+    dense_first_step: bool = False
+    """Keep every unit at the first position of each continuation."""
+    batch_size: int = 4
+    """Requests per forward pass."""
+    limit: float | None = None
+    """Documents per task (an integer), or a fraction below 1."""
+    num_fewshot: int | None = None
+    """Few-shot examples (default: the task's)."""
+    gen_kwargs: str | None = None
+    """Generation arguments for generate_until tasks (e.g. max_gen_toks=256)."""
+    include_path: list[str] = field(default_factory=list)
+    """More directories of lm-eval task YAMLs."""
+    data_dir: str | None = None
+    """Directory holding truthfulqa/TruthfulQA.csv and gsm8k/test.jsonl (default ../shared/data)."""
+    device: str = "auto"
+    """auto, cpu, cuda or cuda:N."""
+    ig_steps: int = 20
+    """Integrated-gradient steps (score ig)."""
+    apply_chat_template: bool = False
+    """Format prompts with the tokenizer's chat template."""
+    progress: bool = True
+    """Show progress bars."""
+
+
 def validate(model: ModelConfig, data: DataConfig, protocol: ProtocolConfig, run: RunConfig) -> None:
     protocol.validate()
     if model.dtype not in ("float32", "bfloat16", "float16", "float64"):

@@ -2,7 +2,8 @@
 
 Every source becomes a list of ``Sample``: a stable id (dataset name + row index, so
 resumed runs match rows), the question, and the reference answer when there is one.
-``run_name`` names a run directory after the model and the dataset. ``content_digest``
+``run_name`` names a run directory after the model and the dataset (``lmeval_run_name``
+an lm-eval run's after the model, task set, score and level). ``content_digest``
 identifies a selection by its text, not by where it was read from: an edited file
 changes it, the same file through a symlink does not.
 
@@ -65,6 +66,18 @@ def run_name(model_name: str, data: DataConfig, suffix: str) -> str:
     """A run directory's name, ``<model>__<dataset><suffix>``: a run's suffix is ``__`` and its
     fingerprint's first 8 characters, a sweep cell's the slice of rows it evaluates."""
     return f"{Path(model_name).name}__{dataset_name(data)}{suffix}"
+
+
+def lmeval_run_name(model_name: str, tasks_label: str, score: str, level: float, allocation: str,
+                    suffix: str = "") -> str:
+    """An lm-eval run directory's name, ``<model>[__<tasks_label>]__<score>-<level>-<allocation><suffix>``,
+    or ``<model>[__<tasks_label>]__dense<suffix>`` at level 0 (the dense model, whatever the
+    score): a sweep cell's label names its task set, a ``sparseact lmeval`` run's suffix is
+    ``__`` and its fingerprint. The model is a local directory's name or the Hub id with
+    ``--`` for ``/``."""
+    model = Path(model_name).name if Path(model_name).exists() else model_name.replace("/", "--")
+    cell = "dense" if level == 0 else f"{score}-{level}-{allocation}"
+    return "__".join(part for part in (model, tasks_label, cell) if part) + suffix
 
 
 def content_digest(samples: list[Sample]) -> str:

@@ -8,8 +8,12 @@ So the plain ``lm_eval`` command cannot see ``sparseact`` until something import
 package; ``python -m pipeline.lmeval ARGS`` is the ``lm_eval`` command line with that import
 done first (same arguments), and ``sparseact lmeval`` is the project's own subcommand.
 
-Semantics (SPEC-style)
-======================
+What the model computes
+=======================
+
+The numbered rules below define every number the model returns, precisely enough to
+recompute them without this code (``tests/test_lmeval.py`` does). Where lm-eval's request
+types allow, they are the rules of ``sparseact run`` (``docs/protocol.md``).
 
 Model arguments: ``pretrained`` (bundled short name, Hub id or local directory, loaded by
 ``pipeline.models.loading.load_model``), ``score``, ``level`` (p in [0, 1)), ``allocation``

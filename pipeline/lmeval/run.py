@@ -27,6 +27,7 @@ import os
 from pathlib import Path
 
 from pipeline.config import ModelConfig
+from pipeline.data.sources import lmeval_run_name
 from pipeline.errors import UserError
 
 TASKS_DIR = Path(__file__).resolve().parents[2] / "configs" / "lm_eval" / "tasks"
@@ -64,36 +65,64 @@ def fingerprint(config: dict) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def run_lmeval(model: ModelConfig, tasks: list[str], score: str, level: float, allocation: str,
-               dense_first_step: bool, batch_size: int, limit: float | None, num_fewshot: int | None,
-               gen_kwargs: str | None, include_path: list[str], data_dir: str | None, output_dir: str | None,
-               device: str, ig_steps: int, apply_chat_template: bool, progress: bool) -> Path:
+def check(model: ModelConfig, tasks: list[str], score: str, level: float, allocation: str, batch_size: int,
+          limit: float | None, ig_steps: int, include_path: list[str], data_dir: str | None):
+    """Everything about one run that can be refused before its model is loaded (one ``UserError``);
+    returns lm-eval's TaskManager for its tasks."""
     _require_lm_eval()
-    from pipeline.lmeval.model import SparseActLM, check_args
+    from pipeline.lmeval.model import check_args
 
     check_args(score, level, allocation, model.dtype, batch_size)
     if not tasks:
         raise UserError("no tasks given")
     if limit is not None and limit <= 0:
         raise UserError(f"limit must be > 0, got {limit}")
+    if isinstance(ig_steps, bool) or not isinstance(ig_steps, int) or ig_steps < 1:
+        raise UserError(f"ig_steps must be an integer >= 1, got {ig_steps!r}")
     for name in ("lm_eval", "lm-eval"):
         logging.getLogger(name).setLevel(logging.ERROR)  # lm-eval's INFO/WARNING chatter; errors still show
-    manager = task_manager(tasks, include_path, data_dir)
+    return task_manager(tasks, include_path, data_dir)
 
-    lm = SparseActLM(pretrained=model.name, score=score, level=level, allocation=allocation, dtype=model.dtype,
-                     batch_size=batch_size, dense_first_step=dense_first_step, ig_steps=ig_steps, device=device,
-                     revision=model.revision, trust_remote_code=model.trust_remote_code, cache_dir=model.cache_dir)
-    lm.show_progress = progress
-    config = {
-        "model": model.name, "weights": lm.weights_id, "dtype": model.dtype, "tasks": sorted(tasks), "score": score,
+
+def check_task_data(tasks: list[str], manager) -> None:
+    """Build the tasks (reads their documents: the local data files of the shipped tasks)."""
+    from lm_eval.tasks import get_task_dict
+
+    try:
+        get_task_dict(tasks, manager)
+    except FileNotFoundError as error:  # a task's local data file (configs/lm_eval/tasks/utils.py)
+        raise UserError(str(error).splitlines()[0]) from None
+
+
+def run_config(model: ModelConfig, weights: str | None, tasks: list[str], score: str, level: float, allocation: str,
+               dense_first_step: bool, batch_size: int, limit: float | None, num_fewshot: int | None,
+               gen_kwargs: str | None, data_dir: str | None, ig_steps: int, apply_chat_template: bool) -> dict:
+    """The configuration stored in ``run.json``; its fingerprint names and guards the run directory."""
+    return {
+        "model": model.name, "weights": weights, "dtype": model.dtype, "tasks": sorted(tasks), "score": score,
         "level": level, "allocation": allocation, "dense_first_step": dense_first_step, "batch_size": batch_size,
         "limit": limit, "num_fewshot": num_fewshot, "gen_kwargs": gen_kwargs, "apply_chat_template": apply_chat_template,
         "ig_steps": ig_steps if score == "ig" else None,
         "data_dir": str(Path(data_dir).resolve()) if data_dir else None,
     }
+
+
+def run_lmeval(model: ModelConfig, tasks: list[str], score: str, level: float, allocation: str,
+               dense_first_step: bool, batch_size: int, limit: float | None, num_fewshot: int | None,
+               gen_kwargs: str | None, include_path: list[str], data_dir: str | None, output_dir: str | None,
+               device: str, ig_steps: int, apply_chat_template: bool, progress: bool) -> Path:
+    manager = check(model, tasks, score, level, allocation, batch_size, limit, ig_steps, include_path, data_dir)
+    from pipeline.lmeval.model import SparseActLM
+
+    lm = SparseActLM(pretrained=model.name, score=score, level=level, allocation=allocation, dtype=model.dtype,
+                     batch_size=batch_size, dense_first_step=dense_first_step, ig_steps=ig_steps, device=device,
+                     revision=model.revision, trust_remote_code=model.trust_remote_code, cache_dir=model.cache_dir)
+    lm.show_progress = progress
+    config = run_config(model, lm.weights_id, tasks, score, level, allocation, dense_first_step, batch_size, limit,
+                        num_fewshot, gen_kwargs, data_dir, ig_steps, apply_chat_template)
     print_ = fingerprint(config)
-    short = Path(model.name).name if Path(model.name).exists() else model.name.replace("/", "--")
-    run_dir = Path(output_dir or f"runs/lmeval/{short}__{score}-{level}-{allocation}__{print_}")
+    run_dir = Path(output_dir or Path("runs/lmeval") / lmeval_run_name(model.name, "", score, level, allocation,
+                                                                       f"__{print_}"))
     stored = run_dir / "run.json"
     if stored.exists():
         previous = json.loads(stored.read_text())
