@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from pipeline.masks import ALLOCATIONS, NORMALIZATIONS
-from pipeline.masks.masks import keep_masks, units_off
+from pipeline.masks.masks import keep_masks, unit_ranks, units_off
 
 
 def _safe(scale: torch.Tensor) -> torch.Tensor:
@@ -40,10 +40,7 @@ def normalized(importance: torch.Tensor, how: str) -> torch.Tensor:
     if how == "l2":
         return importance / _safe(importance.norm(dim=-1, keepdim=True))
     if how == "rank":
-        units = importance.shape[-1]
-        order = importance.argsort(dim=-1, stable=True)
-        rank = torch.empty_like(order).scatter_(-1, order, torch.arange(units, device=importance.device).expand_as(order))
-        return (rank + 1).to(torch.float64) / units
+        return (unit_ranks(importance) + 1).to(torch.float64) / importance.shape[-1]
     raise ValueError(f"unknown normalisation {how!r}; choose from {', '.join(NORMALIZATIONS)}")
 
 
@@ -60,12 +57,9 @@ def layer_level_keep_masks(importance: torch.Tensor, layer_levels: torch.Tensor)
     Layer ``l`` at row ``i`` loses its ``floor(layer_levels[i, l] * units)`` lowest units.
     """
     units = importance.shape[-1]
-    order = importance.argsort(dim=-1, stable=True)
-    rank = torch.empty_like(order)
-    rank.scatter_(-1, order, torch.arange(units, device=importance.device).expand_as(order))
     off = torch.tensor([[units_off(q, units) for q in row] for row in layer_levels.tolist()], device=importance.device)
     # off [levels, layers] against rank [..., layers, units]
-    return rank.unsqueeze(0) >= off.view(off.shape[0], *([1] * (importance.dim() - 2)), off.shape[1], 1)
+    return unit_ranks(importance).unsqueeze(0) >= off.view(off.shape[0], *([1] * (importance.dim() - 2)), off.shape[1], 1)
 
 
 def allocate(allocation: str, importance: torch.Tensor, levels: list[float], normalize: str | None = None,

@@ -14,6 +14,15 @@ def units_off(level: float, units: int) -> int:
     return math.floor(level * units + 1e-9)
 
 
+def unit_ranks(importance: torch.Tensor) -> torch.Tensor:
+    """Each unit's rank from the lowest importance along the last dimension (0 = switched off
+    first). Ties: a stable sort, so among equal importances the lower unit index ranks lower;
+    NaN ranks above every number."""
+    order = importance.argsort(dim=-1, stable=True)
+    rank = torch.empty_like(order)
+    return rank.scatter_(-1, order, torch.arange(importance.shape[-1], device=importance.device).expand_as(order))
+
+
 def keep_masks(importance: torch.Tensor, levels: list[float]) -> torch.Tensor:
     """Keep masks for all levels at once.
 
@@ -25,11 +34,8 @@ def keep_masks(importance: torch.Tensor, levels: list[float]) -> torch.Tensor:
     before a number).
     """
     units = importance.shape[-1]
-    order = importance.argsort(dim=-1, stable=True)
-    rank = torch.empty_like(order)
-    rank.scatter_(-1, order, torch.arange(units, device=importance.device).expand_as(order))
     off = torch.tensor([units_off(p, units) for p in levels], device=importance.device)
-    return rank.unsqueeze(0) >= off.view(-1, *([1] * importance.dim()))
+    return unit_ranks(importance).unsqueeze(0) >= off.view(-1, *([1] * importance.dim()))
 
 
 def achieved_sparsity(head_keep: torch.Tensor, neuron_keep: torch.Tensor, layout: UnitLayout) -> torch.Tensor:
