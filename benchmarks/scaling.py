@@ -70,7 +70,7 @@ def main():
 
     from pipeline.results.store import read_records
 
-    keyed = lambda d: {(r["sample_id"], r["metric"], r["level"]): r["output"] for r in read_records(d)}  # noqa: E731
+    keyed = lambda d: {(r.sample_id, r.metric, r.level): r.output for r in read_records(d)}  # noqa: E731
     a, b = keyed(work / "one"), keyed(work / "many")
     same = sum(a[k] == b.get(k) for k in a)
     lines = [

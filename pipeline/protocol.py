@@ -20,7 +20,8 @@ from pipeline.masks.static import threshold_masks
 from pipeline.measures import bleu_vs_dense, task_score, token_agreement
 from pipeline.models.adapters import UnitLayout
 from pipeline.models.prompts import answer_length, prompt_ids
-from pipeline.results.summary import IOU_FIELD, ORACLE, iou_reference, series_name
+from pipeline.results.record import ORACLE, Record, series_name
+from pipeline.results.summary import iou_reference
 from pipeline.scores.attribution import attribute_batch
 from pipeline.scores.metrics import SCORES
 
@@ -29,7 +30,7 @@ from pipeline.scores.metrics import SCORES
 class EvaluatedBatch:
     """What one predict step hands to the writer: records, and raw scores when asked for."""
 
-    records: list[dict]
+    records: list[Record]
     scores: dict = field(default_factory=dict)  # sample id -> {metric: UnitScores}
 
 
@@ -177,41 +178,39 @@ def _rounded(values: list[float]) -> list[float]:
     return [round(v, 4) for v in values]
 
 
-def _records(tokenizer, sample, dense, stats: RowStats, outputs, protocol, task) -> list[dict]:
+def _records(tokenizer, sample, dense, stats: RowStats, outputs, protocol, task) -> list[Record]:
     decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True).strip()  # noqa: E731
     dense_text = decode(dense)
     dense_task = task_score(task, dense_text, sample.reference)
     kept_heads, kept_neurons = stats.kept_heads.tolist(), stats.kept_neurons.tolist()
     records = []
     rows = [(v, p) for v in protocol.variants() for p in protocol.levels]
-    overlaps = stats.overlaps
     for row, (((metric, allocation, normalize), level), tokens) in enumerate(zip(rows, outputs)):
         text = decode(tokens)
-        records.append({
-            "sample_id": sample.id,
-            "metric": metric,
-            "level": level,
+        records.append(Record(
+            sample_id=sample.id,
+            metric=metric,
+            level=level,
             # averaged over the steps this row actually decoded
-            "sparsity": stats.sparsity[row, : max(1, len(tokens))].mean().item(),
+            sparsity=stats.sparsity[row, : max(1, len(tokens))].mean().item(),
             # per layer, the kept fraction of heads and of neurons over the decoded steps
-            "kept_heads": _rounded(kept_heads[row]),
-            "kept_neurons": _rounded(kept_neurons[row]),
-            "bleu": bleu_vs_dense(tokens, dense, text, dense_text),
-            "token_agreement": token_agreement(tokens, dense),
-            "task_score": task_score(task, text, sample.reference),
-            "dense_task_score": dense_task,
-            "n_tokens": len(tokens),
-            "n_dense_tokens": len(dense),
-            "output": text,
-            "dense_output": dense_text,
-            "question": sample.question,
-            "reference": sample.reference,
-            # last, so that the fields before are byte for byte those of runs before allocations existed
-            "allocation": allocation,
-            "normalize": normalize,
-        })
-        if overlaps[row] is not None:  # label-free rows of runs that evaluate the oracle too
-            records[-1][IOU_FIELD] = overlaps[row]
+            kept_heads=_rounded(kept_heads[row]),
+            kept_neurons=_rounded(kept_neurons[row]),
+            bleu=bleu_vs_dense(tokens, dense, text, dense_text),
+            token_agreement=token_agreement(tokens, dense),
+            task_score=task_score(task, text, sample.reference),
+            dense_task_score=dense_task,
+            n_tokens=len(tokens),
+            n_dense_tokens=len(dense),
+            output=text,
+            dense_output=dense_text,
+            question=sample.question,
+            reference=sample.reference,
+            allocation=allocation,
+            normalize=normalize,
+            # label-free rows of runs that evaluate the oracle too; None elsewhere (left out of the line)
+            iou_cor_gxo=stats.overlaps[row],
+        ))
     return records
 
 

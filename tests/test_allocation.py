@@ -29,6 +29,7 @@ from pipeline.masks.calibration import (
 )
 from pipeline.masks.masks import keep_masks
 from pipeline.models.adapters import layout_for
+from pipeline.results.record import Record
 from pipeline.scores.attribution import attribute_batch
 from pipeline.scores.metrics import SCORES
 
@@ -271,11 +272,7 @@ def _run(tiny_dir, out, *extra):
     main(["run", "--model.name", str(tiny_dir), "--data.limit", "3", "--protocol.levels", "[0.0, 0.3, 0.6]",
           "--protocol.max_new_tokens", "5", "--protocol.calibration_samples", "4", "--run.output_dir", str(out),
           "--run.progress", "false", *extra])
-    return [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
-
-
-def _key(r):
-    return r["sample_id"], r["metric"], r["allocation"], r["normalize"], r["level"]
+    return [Record.from_json(json.loads(line)) for line in (out / "records.jsonl").read_text().splitlines()]
 
 
 def test_several_allocations_in_one_run_leave_per_layer_rows_alone(tiny_dir, tmp_path):
@@ -283,10 +280,10 @@ def test_several_allocations_in_one_run_leave_per_layer_rows_alone(tiny_dir, tmp
     both = _run(tiny_dir, tmp_path / "both", "--protocol.metrics", "[magnitude, cor_gxo]",
                 "--protocol.allocation", "[per_layer, global]", "--protocol.normalize", "[none, mean]")
     assert len(both) == 3 * 2 * 3 * 3  # samples x metrics x (per_layer, global/none, global/mean) x levels
-    assert {r["allocation"] for r in alone} == {"per_layer"} and {r["normalize"] for r in alone} == {None}
-    by_key = {_key(r): r for r in both}
+    assert {r.allocation for r in alone} == {"per_layer"} and {r.normalize for r in alone} == {None}
+    by_key = {r.key: r for r in both}
     for record in alone:
-        assert by_key[_key(record)] == record
+        assert by_key[record.key] == record
     summary = json.loads((tmp_path / "both" / "summary.json").read_text())
     groups = {(r["metric"], r["allocation"], r["normalize"]) for r in summary["rows"]}
     assert len(groups) == 6 and all(r["n"] == 3 for r in summary["rows"])
@@ -295,9 +292,9 @@ def test_several_allocations_in_one_run_leave_per_layer_rows_alone(tiny_dir, tmp
     assert run_info["numbers_affecting"]["protocol"]["allocation"] == ["per_layer", "global"]
     # the global rows switch off the same total count per token as per_layer; per layer it differs
     for record in both:
-        if record["allocation"] == "global" and record["level"] > 0:
-            kept = record["kept_neurons"]
-            assert sum(kept) / len(kept) == pytest.approx(1 - _floor(record["level"] * 48 * 2) / 96, abs=1e-3)
+        if record.allocation == "global" and record.level > 0:
+            kept = record.kept_neurons
+            assert sum(kept) / len(kept) == pytest.approx(1 - _floor(record.level * 48 * 2) / 96, abs=1e-3)
 
 
 def test_calibrated_levels_round_trip(tiny_dir, tmp_path, monkeypatch):
@@ -310,9 +307,9 @@ def test_calibrated_levels_round_trip(tiny_dir, tmp_path, monkeypatch):
     # the achieved sparsity of a calibrated record is the path's parameter-weighted sparsity
     path = document["scores"]["magnitude"]["path"]
     for record in first:
-        if record["metric"] == "magnitude" and record["level"] > 0:
-            reached = next(step["sparsity"] for step in path if step["sparsity"] >= record["level"] - 1e-12)
-            assert record["sparsity"] == pytest.approx(reached, abs=1e-6)
+        if record.metric == "magnitude" and record.level > 0:
+            reached = next(step["sparsity"] for step in path if step["sparsity"] >= record.level - 1e-12)
+            assert record.sparsity == pytest.approx(reached, abs=1e-6)
 
     import pipeline.masks.calibration as calibration
 
@@ -324,11 +321,11 @@ def test_calibrated_levels_round_trip(tiny_dir, tmp_path, monkeypatch):
                  "--protocol.allocation", "calibrated", "--protocol.calibration_step", "0.25",
                  "--protocol.allocation_levels", str(saved), "--data.start", "30", "--data.limit", "3")
     assert (tmp_path / "again" / "allocation_levels.json").read_text() == saved.read_text()
-    assert {r["allocation"] for r in again} == {"calibrated"} and len(again) == 3 * 2 * 3
+    assert {r.allocation for r in again} == {"calibrated"} and len(again) == 3 * 2 * 3
     # same levels -> same per-layer counts: kept fractions per layer agree with the first run's at each level
     for metric in ("magnitude", "wina"):
         for level in (0.3, 0.6):
-            kept = {tuple(r["kept_neurons"]) for r in first + again if r["metric"] == metric and r["level"] == level}
+            kept = {tuple(r.kept_neurons) for r in first + again if r.metric == metric and r.level == level}
             assert len(kept) == 1
     fingerprints = [json.loads((tmp_path / d / "run.json").read_text())["numbers_affecting"]["protocol"]
                     for d in ("first", "again")]
@@ -365,8 +362,8 @@ root: {tmp_path / "runs"}
 """)
     main(["sweep", "--config", str(config)])
     (cell,) = (tmp_path / "runs").iterdir()
-    records = [json.loads(line) for line in (cell / "records.jsonl").read_text().splitlines()]
-    assert {(r["metric"], r["allocation"], r["normalize"]) for r in records} == {
+    records = [Record.from_json(json.loads(line)) for line in (cell / "records.jsonl").read_text().splitlines()]
+    assert {(r.metric, r.allocation, r.normalize) for r in records} == {
         ("magnitude", "per_layer", None), ("magnitude", "global", "rank"),
         ("cor_gxo", "per_layer", None), ("cor_gxo", "global", "rank")}
     write_report([str(tmp_path / "runs")], str(tmp_path / "report"), "cor_gxo/global/rank", 0.5)

@@ -10,6 +10,7 @@ from conftest import make_tiny_checkpoint
 
 from pipeline.cli import main
 from pipeline.models import loading
+from pipeline.results.record import Record
 
 
 @pytest.fixture(scope="module")
@@ -34,13 +35,13 @@ def test_run_writes_outputs_and_resumes(tiny_dir, tmp_path, capsys):
     assert "max sparsity within 5% accuracy loss" in printed
     for name in ("run.json", "records.jsonl", "summary.csv", "summary.json", "curves.png"):
         assert (out / name).stat().st_size > 0
-    records = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
+    records = [Record.from_json(json.loads(line)) for line in (out / "records.jsonl").read_text().splitlines()]
     assert len(records) == 3 * 2 * 2
-    assert {(r["sample_id"], r["metric"], r["level"]) for r in records} == {
+    assert {(r.sample_id, r.metric, r.level) for r in records} == {
         (f"demo:{i}", m, p) for i in range(3) for m in ("magnitude", "cor_gxo") for p in (0.0, 0.5)}
     for r in records:
-        if r["level"] == 0.0:
-            assert r["bleu"] == 100.0 and r["token_agreement"] == 1.0 and r["sparsity"] == 0.0
+        if r.level == 0.0:
+            assert r.bleu == 100.0 and r.token_agreement == 1.0 and r.sparsity == 0.0
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["max_sparsity_within_5pct_loss"]) == {"magnitude", "cor_gxo"}
 
@@ -57,8 +58,8 @@ def test_torn_last_line_is_ignored_and_completed(tiny_dir, tmp_path):
     # simulate a kill while the last sample was being written
     (out / "records.jsonl").write_text("".join(lines[:-2]) + lines[-2][:10])
     main(_args(tiny_dir, out))
-    records = [json.loads(l) for l in (out / "records.jsonl").read_text().splitlines() if l.startswith('{"sample_id"') and l.endswith("}")]
-    keys = [(r["sample_id"], r["metric"], r["level"]) for r in records]
+    records = [Record.from_json(json.loads(l)) for l in (out / "records.jsonl").read_text().splitlines() if l.startswith('{"sample_id"') and l.endswith("}")]
+    keys = [(r.sample_id, r.metric, r.level) for r in records]
     assert len(set(keys)) == 12
     summary = json.loads((out / "summary.json").read_text())
     assert all(row["n"] == 3 for row in summary["rows"])
@@ -155,16 +156,16 @@ def test_saved_raw_scores_round_trip(tiny_dir, tmp_path):
 
     out = tmp_path / "run"
     main(_args(tiny_dir, out, "--protocol.save_scores", "true", "--data.limit", "2"))
-    records = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
+    records = [Record.from_json(json.loads(line)) for line in (out / "records.jsonl").read_text().splitlines()]
     assert sorted(p.name for p in (out / "scores").iterdir()) == ["demo_0.safetensors", "demo_1.safetensors"]
     saved = load_scores(out, "demo:1")
     assert set(saved) == {"magnitude", "cor_gxo"}
     # recompute independently from the recorded dense output
     loaded = load_model(ModelConfig(name=str(tiny_dir)))
     template = resolve_template("auto", loaded.tokenizer)
-    question = next(r["question"] for r in records if r["sample_id"] == "demo:1")
+    question = next(r.question for r in records if r.sample_id == "demo:1")
     prompt = torch.tensor(prompt_ids(loaded.tokenizer, template, question))
-    n = next(r["n_dense_tokens"] for r in records if r["sample_id"] == "demo:1")
+    n = next(r.n_dense_tokens for r in records if r.sample_id == "demo:1")
     from pipeline.decoding.generation import greedy_generate
     from pipeline.models.prompts import stop_token_ids
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from conftest import make_tiny_checkpoint
 
+from pipeline.results.record import Record
 from pipeline.results.store import read_records
 
 SAMPLES = 8
@@ -67,7 +68,7 @@ def _kill_midway(tiny_dir, out, devices, rng):
 
 def _keyed(out: Path) -> dict:
     records = read_records(out)
-    keys = [(r["sample_id"], r["metric"], r["level"]) for r in records]
+    keys = [(r.sample_id, r.metric, r.level) for r in records]
     assert len(keys) == len(set(keys)) == ROWS  # none missing, none counted twice
     return {k: r for k, r in zip(keys, records)}
 
@@ -88,7 +89,8 @@ def test_two_processes_equal_one(tiny_dir, reference, tmp_path):
     _run(tiny_dir, out, devices=2)
     shards = sorted(out.glob("records.rank*.jsonl"))
     assert len(shards) == 2
-    samples = [{json.loads(line)["sample_id"] for line in shard.read_text().splitlines()} for shard in shards]
+    samples = [{Record.from_json(json.loads(line)).sample_id for line in shard.read_text().splitlines()}
+               for shard in shards]
     assert samples[0] and samples[1] and not samples[0] & samples[1]  # disjoint, both ranks worked
     assert _keyed(out) == _keyed(reference)
     assert _summary_rows(out) == _summary_rows(reference)
@@ -128,8 +130,8 @@ def test_sigterm_stops_between_batches(tiny_dir, tmp_path):
     assert process.returncode == 128 + signal.SIGTERM
     assert "stopped by SIGTERM" in output and "Traceback" not in output
     # only whole samples on disk: every line parses and every sample has all its rows
-    records = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
+    records = [Record.from_json(json.loads(line)) for line in (out / "records.jsonl").read_text().splitlines()]
     per_sample = {}
     for r in records:
-        per_sample[r["sample_id"]] = per_sample.get(r["sample_id"], 0) + 1
+        per_sample[r.sample_id] = per_sample.get(r.sample_id, 0) + 1
     assert set(per_sample.values()) == {ROWS // SAMPLES}

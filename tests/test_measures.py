@@ -7,6 +7,7 @@ import sacrebleu
 
 from pipeline.measures import bleu_vs_dense, task_score, token_agreement
 from pipeline.measures.task import final_reference_number, last_number
+from pipeline.results.record import Record
 from pipeline.results.summary import max_sparsity_within_loss, summarize
 
 WORDS = "the a cat dog sat on mat paris is capital of france . , 42 blue".split()
@@ -53,10 +54,12 @@ def test_max_sparsity_within_loss():
 
 
 def test_summarize_means():
-    records = [
-        {"metric": "gxo", "level": 0.5, "sparsity": 0.4, "bleu": 80.0, "token_agreement": 0.5, "task_score": None},
-        {"metric": "gxo", "level": 0.5, "sparsity": 0.6, "bleu": 60.0, "token_agreement": 1.0, "task_score": None},
-    ]
+    def record(sample_id, sparsity, bleu, token_agreement):
+        return Record(sample_id=sample_id, metric="gxo", level=0.5, sparsity=sparsity, kept_heads=[], kept_neurons=[],
+                      bleu=bleu, token_agreement=token_agreement, task_score=None, dense_task_score=None, n_tokens=1,
+                      n_dense_tokens=1, output="", dense_output="", question="", reference="")
+
+    records = [record("demo:0", 0.4, 80.0, 0.5), record("demo:1", 0.6, 60.0, 1.0)]
     (row,) = summarize(records)
     assert row["n"] == 2 and row["sparsity"] == pytest.approx(0.5) and row["bleu"] == 70.0
     assert row["accuracy_loss"] == 30.0 and row["task_score"] is None

@@ -53,12 +53,12 @@ def test_published_smollm2_truthfulqa_records_reproduce(tmp_path):
         _config(ProtocolConfig, config["protocol"], metrics=metrics),
         RunConfig(output_dir=str(tmp_path / "rerun"), progress=False, plot=False, batch_size=1),
     )
-    fresh = {(r["sample_id"], r["metric"], r["level"]): r for r in read_records(out)}
-    published = {(r["sample_id"], r["metric"], r["level"]): r for r in read_records(PUBLISHED)}
+    fresh = {(r.sample_id, r.metric, r.level): r for r in read_records(out)}
+    published = {(r.sample_id, r.metric, r.level): r for r in read_records(PUBLISHED)}
     assert len(fresh) == QUESTIONS * len(metrics) * len(config["protocol"]["levels"])
     mismatched = [key for key, record in fresh.items()
-                  if key not in published or record["output"] != published[key]["output"]
-                  or not all(_close(record[k], published[key][k]) for k in COMPARED)]
+                  if key not in published or record.output != published[key].output
+                  or not all(_close(getattr(record, k), getattr(published[key], k)) for k in COMPARED)]
     print(f"{len(fresh) - len(mismatched)} of {len(fresh)} records reproduce exactly")
     assert len(mismatched) <= 0.05 * len(fresh), f"{len(mismatched)} of {len(fresh)} records differ: {mismatched[:5]}"
 
@@ -85,16 +85,16 @@ def test_published_allocation_records_hold_together(run_dir):
     info = json.loads((run_dir / RUN_INFO).read_text())
     levels = info["config"]["protocol"]["levels"]
     assert info["config"]["protocol"]["dense_first_step"]
-    assert len(records) == 100 * len(levels) * len({(r["metric"], r["allocation"], r["normalize"]) for r in records})
+    assert len(records) == 100 * len(levels) * len({(r.metric, r.allocation, r.normalize) for r in records})
     checked = 0
     for r in records:
-        heads_off = 1 - sum(r["kept_heads"]) / layers
-        neurons_off = 1 - sum(r["kept_neurons"]) / layers
-        assert abs(r["sparsity"] - (share * heads_off + (1 - share) * neurons_off)) < 2e-4
-        if r["allocation"] == "global" and r["level"] > 0:
-            steps = max(1, r["n_tokens"])
+        heads_off = 1 - sum(r.kept_heads) / layers
+        neurons_off = 1 - sum(r.kept_neurons) / layers
+        assert abs(r.sparsity - (share * heads_off + (1 - share) * neurons_off)) < 2e-4
+        if r.allocation == "global" and r.level > 0:
+            steps = max(1, r.n_tokens)
             for off, units in ((heads_off, heads), (neurons_off, neurons)):
-                expected = (steps - 1) / steps * (int(r["level"] * layers * units + 1e-9) / (layers * units))
-                assert abs(off - expected) < 1e-3, (r["sample_id"], r["metric"], r["normalize"], r["level"])
+                expected = (steps - 1) / steps * (int(r.level * layers * units + 1e-9) / (layers * units))
+                assert abs(off - expected) < 1e-3, (r.sample_id, r.metric, r.normalize, r.level)
             checked += 1
     assert checked > 1000

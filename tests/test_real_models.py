@@ -7,6 +7,7 @@ import pytest
 
 from pipeline.config import DataConfig, ModelConfig, ProtocolConfig, RunConfig
 from pipeline.models.loading import BUNDLED
+from pipeline.results.record import Record
 from pipeline.runner.run import evaluate
 
 
@@ -28,14 +29,14 @@ def test_bundled_model_end_to_end(name, tmp_path):
         ProtocolConfig(metrics=["magnitude", "cor_gxo"], levels=[0.0, 0.5], max_new_tokens=12),
         RunConfig(output_dir=str(tmp_path / "run"), progress=False),
     )
-    records = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
+    records = [Record.from_json(json.loads(line)) for line in (out / "records.jsonl").read_text().splitlines()]
     assert len(records) == 2 * 2 * 2
     for r in records:
-        assert r["dense_output"]  # the model says something
-        if r["level"] == 0.0:
-            assert r["bleu"] == 100.0 and r["token_agreement"] == 1.0
+        assert r.dense_output  # the model says something
+        if r.level == 0.0:
+            assert r.bleu == 100.0 and r.token_agreement == 1.0
         else:
-            assert 0.3 < r["sparsity"] < 0.6
+            assert 0.3 < r.sparsity < 0.6
 
 
 def test_character_level_gguf_tokenizer_is_refused():

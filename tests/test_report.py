@@ -11,6 +11,7 @@ import pytest
 from conftest import make_tiny_checkpoint
 
 from pipeline.cli import main
+from pipeline.results.record import Record
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
@@ -127,23 +128,23 @@ def test_records_carry_mask_iou_with_the_oracle_equal_to_masks_from_saved_scores
 
     checked = 0
     for run_dir in sorted(two_runs.iterdir()):
-        records = [json.loads(line) for line in (run_dir / "records.jsonl").read_text().splitlines()]
+        records = [Record.from_json(json.loads(line)) for line in (run_dir / "records.jsonl").read_text().splitlines()]
         for record in records:
-            if record["metric"] in ("cor_gxo",):
-                assert "iou_cor_gxo" not in record  # oracle rows are left as they were
+            if record.metric in ("cor_gxo",):
+                assert record.iou_cor_gxo is None  # oracle rows are left as they were
                 continue
-            normalize = record["normalize"]
+            normalize = record.normalize
             reference = "cor_gxo/global/mean" if normalize else "cor_gxo"  # the same allocation only
-            assert set(record["iou_cor_gxo"]) == {reference}
-            if record["level"] not in (0.3, 0.6):
+            assert set(record.iou_cor_gxo) == {reference}
+            if record.level not in (0.3, 0.6):
                 continue
-            scores = load_scores(run_dir, record["sample_id"])
-            steps = max(1, record["n_tokens"])
+            scores = load_scores(run_dir, record.sample_id)
+            steps = max(1, record.n_tokens)
             for kind in ("heads", "neurons"):
-                mine = _masks_by_hand(getattr(scores[record["metric"]], kind)[:steps], record["level"], normalize)
-                oracle = _masks_by_hand(getattr(scores["cor_gxo"], kind)[:steps], record["level"], normalize)
+                mine = _masks_by_hand(getattr(scores[record.metric], kind)[:steps], record.level, normalize)
+                oracle = _masks_by_hand(getattr(scores["cor_gxo"], kind)[:steps], record.level, normalize)
                 expected = _iou_by_hand(mine, oracle)
-                assert record["iou_cor_gxo"][reference][kind] == pytest.approx(expected, abs=1e-4)
+                assert record.iou_cor_gxo[reference][kind] == pytest.approx(expected, abs=1e-4)
                 checked += 1
     assert checked == 2 * 2 * 2 * 2 * (4 + 3)  # scores x allocations x levels x kinds x samples
 
@@ -203,6 +204,14 @@ def test_sweep_writes_slurm_cells(two_runs, tmp_path, capsys):
         assert exit_info.value.code == 0
 
 
+def _record(**fields) -> Record:
+    """A record written by hand: the fields a test sets, neutral values for the others."""
+    neutral = {"sparsity": 0.0, "kept_heads": [1.0], "kept_neurons": [1.0], "bleu": 100.0, "token_agreement": 1.0,
+               "task_score": None, "dense_task_score": None, "n_tokens": 1, "n_dense_tokens": 1, "output": "",
+               "dense_output": "", "question": "", "reference": ""}
+    return Record(**{**neutral, **fields})
+
+
 def _synthetic_run(run_dir, rng, gz: bool, metrics=("cor_gxo", "magnitude")):
     """A run directory written by hand: 7 samples x the scores x 3 levels with random measures."""
     import gzip
@@ -211,11 +220,11 @@ def _synthetic_run(run_dir, rng, gz: bool, metrics=("cor_gxo", "magnitude")):
     run_dir.mkdir(parents=True)
     (run_dir / "run.json").write_text(json.dumps({"fingerprint": "f" * 16, "dataset": "gsm8k",
                                                   "config": {"model": {"name": "tiny"}}}))
-    records = [{"sample_id": f"gsm8k:{i}", "metric": metric, "level": level, "sparsity": float(rng.uniform(0, level)),
-                "bleu": float(rng.uniform(0, 100)), "task_score": float(rng.choice([0.0, 100.0])),
-                "dense_task_score": 100.0 * (i % 2), "kept_heads": [1.0], "kept_neurons": [1.0]}
+    records = [_record(sample_id=f"gsm8k:{i}", metric=metric, level=level, sparsity=float(rng.uniform(0, level)),
+                       bleu=float(rng.uniform(0, 100)), task_score=float(rng.choice([0.0, 100.0])),
+                       dense_task_score=100.0 * (i % 2))
                for i in range(7) for metric in metrics for level in (0.0, 0.5, 0.8)]
-    text = "".join(json.dumps(r) + "\n" for r in records)
+    text = "".join(r.to_json() + "\n" for r in records)
     if gz:
         (run_dir / "records.jsonl.gz").write_bytes(gzip.compress(text.encode()))
     else:
@@ -233,10 +242,10 @@ def test_task_table_matches_direct_means_and_reads_gzipped_records(tmp_path):
 
     m = run.metrics.index("magnitude")
     point = run.at_level(m, 0.8)
-    chosen = [r for r in plain if r["metric"] == "magnitude" and r["level"] == 0.8]
-    assert point["sparsity"] == pytest.approx(sum(r["sparsity"] for r in chosen) / 7)
-    assert point["bleu"][0] == pytest.approx(sum(r["bleu"] for r in chosen) / 7)
-    assert point["task"][0] == pytest.approx(sum(r["task_score"] for r in chosen) / 7)
+    chosen = [r for r in plain if r.metric == "magnitude" and r.level == 0.8]
+    assert point["sparsity"] == pytest.approx(sum(r.sparsity for r in chosen) / 7)
+    assert point["bleu"][0] == pytest.approx(sum(r.bleu for r in chosen) / 7)
+    assert point["task"][0] == pytest.approx(sum(r.task_score for r in chosen) / 7)
     assert point["dense_task"][0] == pytest.approx(300 / 7)
     assert point["task"][1] <= point["task"][0] <= point["task"][2]
     assert run.at_level(m, 0.3) is None  # a level the run does not have is not guessed
@@ -320,32 +329,32 @@ def _controlled_run(run_dir, rng, samples=6):
     for i in range(samples):
         for (metric, allocation, normalize), slope in SERIES.items():
             for level in LEVELS:
-                record = {"sample_id": f"gsm8k:{i}", "metric": metric, "level": level,
-                          "sparsity": level * float(rng.uniform(0.85, 1.0)),
-                          "bleu": float(np.clip(100 - slope * level * float(rng.uniform(0.3, 1.7)), 0, 100)),
-                          "kept_heads": [1 - level, 1.0], "kept_neurons": [1.0, 1 - level],
-                          "allocation": allocation, "normalize": normalize}
+                iou = None
                 if metric in ("magnitude", "wina"):
-                    record["iou_cor_gxo"] = {
+                    iou = {
                         name: {"heads": None if level == 0 else round(float(rng.uniform()), 4),
                                "neurons": None if level == 0 else round(float(rng.uniform()), 4)}
                         for name in ("cor_gxo", "cor_gxo/global/mean")}
-                records.append(record)
-    (run_dir / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+                records.append(_record(sample_id=f"gsm8k:{i}", metric=metric, level=level,
+                                       sparsity=level * float(rng.uniform(0.85, 1.0)),
+                                       bleu=float(np.clip(100 - slope * level * float(rng.uniform(0.3, 1.7)), 0, 100)),
+                                       kept_heads=[1 - level, 1.0], kept_neurons=[1.0, 1 - level],
+                                       allocation=allocation, normalize=normalize, iou_cor_gxo=iou))
+    (run_dir / "records.jsonl").write_text("".join(r.to_json() + "\n" for r in records))
     return records
 
 
 def _by_hand(records, metric, allocation, normalize, picks=None):
     """Max sparsity within 5 BLEU points, by hand: per level the mean over the (resampled) samples,
     levels walked in order of mean sparsity, linear interpolation at the first that loses more."""
-    ids = sorted({r["sample_id"] for r in records})
+    ids = sorted({r.sample_id for r in records})
     chosen = [ids[k] for k in picks] if picks is not None else ids
     points = []
     for level in LEVELS:
-        rows = {r["sample_id"]: r for r in records
-                if (r["metric"], r["allocation"], r["normalize"], r["level"]) == (metric, allocation, normalize, level)}
-        points.append((sum(rows[s]["sparsity"] for s in chosen) / len(chosen),
-                       100 - sum(rows[s]["bleu"] for s in chosen) / len(chosen)))
+        rows = {r.sample_id: r for r in records
+                if (r.metric, r.allocation, r.normalize, r.level) == (metric, allocation, normalize, level)}
+        points.append((sum(rows[s].sparsity for s in chosen) / len(chosen),
+                       100 - sum(rows[s].bleu for s in chosen) / len(chosen)))
     points.sort()
     best = 0.0
     for k, (sparsity, loss) in enumerate(points):
@@ -377,7 +386,7 @@ def test_matrix_and_headroom_numbers_against_a_computation_by_hand(tmp_path, cap
     assert matrix.index("label-free (deployable)") < matrix.index("oracle (needs the dense output)")
 
     # the documented resampling: 1000 resamples of the samples, seed 0, percentiles 2.5 and 97.5
-    samples = len({r["sample_id"] for r in records})
+    samples = len({r.sample_id for r in records})
     picks = np.random.default_rng(0).integers(0, samples, size=(1000, samples)).tolist()
     point, replicates = {}, {}
     for metric, allocation, normalize in SERIES:
@@ -410,8 +419,8 @@ def test_matrix_and_headroom_numbers_against_a_computation_by_hand(tmp_path, cap
         for level, name in ((0.5, "iou-05"), (0.8, "iou-08")):
             allocation, normalize = (key[1], None) if key[1] == "per_layer" else key[1].split("/")
             same = "cor_gxo" if normalize is None else f"cor_gxo/global/{normalize}"  # the same allocation's oracle
-            chosen = [r["iou_cor_gxo"][same] for r in records if r["level"] == level
-                      and (r["metric"], r["allocation"], r["normalize"]) == (key[0], allocation, normalize)]
+            chosen = [r.iou_cor_gxo[same] for r in records if r.level == level
+                      and (r.metric, r.allocation, r.normalize) == (key[0], allocation, normalize)]
             heads, neurons = map(float, found[name].split(","))
             assert heads == pytest.approx(sum(c["heads"] for c in chosen) / len(chosen), abs=1e-6)
             assert neurons == pytest.approx(sum(c["neurons"] for c in chosen) / len(chosen), abs=1e-6)

@@ -19,6 +19,7 @@ import pytest
 from conftest import make_tiny_checkpoint
 
 from pipeline.cli import main
+from pipeline.results.record import Record
 from pipeline.results.store import fingerprint, read_records
 from pipeline.runner.lock import RunLock
 
@@ -58,7 +59,7 @@ def _refused(capsys, argv) -> str:
 
 
 def _outputs(out: Path) -> dict:
-    return {(r["sample_id"], r["metric"], r["level"]): (r["output"], r["bleu"]) for r in read_records(out)}
+    return {(r.sample_id, r.metric, r.level): (r.output, r.bleu) for r in read_records(out)}
 
 
 def test_edited_question_is_refused_and_symlink_accepted(tiny_dir, tmp_path, capsys):
@@ -332,5 +333,6 @@ def test_sigterm_under_ddp_stops_every_rank_quietly(tiny_dir, tmp_path):
     assert code == 128 + signal.SIGTERM, output
     assert "Traceback" not in output and "rank1" not in output
     assert "stopped by SIGTERM" in output
-    every = [json.loads(line) for shard in out.glob("records.rank*.jsonl") for line in shard.read_text().splitlines()]
-    assert len(every) == len({(r["sample_id"], r["metric"], r["level"]) for r in every})
+    every = [Record.from_json(json.loads(line))
+             for shard in out.glob("records.rank*.jsonl") for line in shard.read_text().splitlines()]
+    assert len(every) == len({(r.sample_id, r.metric, r.level) for r in every})

@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 from conftest import make_tiny_checkpoint
 
+from pipeline.results.record import Record
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -94,7 +96,7 @@ def test_job_array_with_requeue(tmp_path):
 
     for name, expected in (("a", total_a), ("b", 4 * 5 * 2)):
         lines = (runs[name] / "records.jsonl").read_text().splitlines()
-        keys = [(r["sample_id"], r["metric"], r["level"]) for r in map(json.loads, lines)]
+        keys = [(r.sample_id, r.metric, r.level) for r in (Record.from_json(json.loads(line)) for line in lines)]
         assert len(keys) == len(set(keys)) == expected  # complete, nothing written twice
         summary = json.loads((runs[name] / "summary.json").read_text())
         assert {row["n"] for row in summary["rows"]} == {expected // len(summary["rows"])}

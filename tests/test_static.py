@@ -11,6 +11,7 @@ from pipeline.cli import main
 from pipeline.masks.masks import achieved_sparsity
 from pipeline.masks.static import quantile_thresholds, threshold_masks
 from pipeline.models.adapters import layout_for
+from pipeline.results.record import Record
 from pipeline.scores.attribution import attribute_batch
 
 LEVELS = [0.0, 0.1, 0.3, 0.5, 0.8, 0.9]
@@ -53,12 +54,12 @@ def test_static_and_wina_end_to_end(tmp_path, capsys):
     main(["run", "--model.name", str(tiny), "--data.limit", "3", "--protocol.metrics", "[static, wina, cor_gxo]",
           "--protocol.levels", "[0.0, 0.5]", "--protocol.calibration_samples", "4", "--protocol.max_new_tokens", "5",
           "--run.output_dir", str(out), "--run.progress", "false"])
-    records = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
-    assert {r["metric"] for r in records} == {"static", "wina", "cor_gxo"}
+    records = [Record.from_json(json.loads(line)) for line in (out / "records.jsonl").read_text().splitlines()]
+    assert {r.metric for r in records} == {"static", "wina", "cor_gxo"}
     for r in records:
-        assert len(r["kept_heads"]) == len(r["kept_neurons"]) == 2
-        if r["level"] == 0.0:
-            assert r["bleu"] == 100.0 and r["sparsity"] == 0.0
+        assert len(r.kept_heads) == len(r.kept_neurons) == 2
+        if r.level == 0.0:
+            assert r.bleu == 100.0 and r.sparsity == 0.0
     # calibration rows must exist beyond the evaluated ones
     with pytest.raises(SystemExit):
         main(["run", "--model.name", str(tiny), "--data.start", "30", "--protocol.metrics", "[static]",

@@ -36,7 +36,7 @@ YLABEL = "BLEU vs dense output"
 
 @dataclass
 class Curve:
-    """One line: ``series`` (``summary.series_name``), points sorted by x, optional band."""
+    """One line: ``series`` (``record.series_name``), points sorted by x, optional band."""
 
     series: str
     x: np.ndarray

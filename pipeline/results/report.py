@@ -55,15 +55,9 @@ import numpy as np
 
 from pipeline.errors import UserError
 from pipeline.results.plot import Curve, curves_figure, is_label_free, split_series
+from pipeline.results.record import ORACLE
 from pipeline.results.store import RUN_INFO, atomic_write_text, read_records
-from pipeline.results.summary import (
-    IOU_FIELD,
-    LOSS_LABEL,
-    ORACLE,
-    iou_reference,
-    max_sparsity_within_loss,
-    record_series,
-)
+from pipeline.results.summary import LOSS_LABEL, iou_reference, max_sparsity_within_loss
 from pipeline.scores.metrics import SCORES
 
 BOOTSTRAP = 1000
@@ -109,7 +103,7 @@ def score_columns(metrics) -> tuple[list[str], list[str]]:
 
 class RunData:
     """A run's records as arrays: BLEU and sparsity per (series, level) x sample; a series is a
-    metric under one allocation (``summary.series_name``)."""
+    metric under one allocation (``Record.series``)."""
 
     def __init__(self, run_dir: Path):
         self.dir = run_dir
@@ -122,18 +116,18 @@ class RunData:
         self.model = self.info["config"]["model"]["name"]
         self.dataset = self.info["dataset"]
         self.name = run_dir.name
-        self.samples = sorted({r["sample_id"] for r in self.records})
-        self.metrics = sorted({record_series(r) for r in self.records})
-        self.levels = sorted({r["level"] for r in self.records})
+        self.samples = sorted({r.sample_id for r in self.records})
+        self.metrics = sorted({r.series for r in self.records})
+        self.levels = sorted({r.level for r in self.records})
         index = {s: i for i, s in enumerate(self.samples)}
         shape = (len(self.metrics), len(self.levels), len(self.samples))
         self.bleu, self.sparsity = np.full(shape, np.nan), np.full(shape, np.nan)
         self.task, self.dense_task = np.full(shape, np.nan), np.full(shape, np.nan)
         for r in self.records:
-            key = (self.metrics.index(record_series(r)), self.levels.index(r["level"]), index[r["sample_id"]])
-            self.bleu[key], self.sparsity[key] = r["bleu"], r["sparsity"]
-            if r.get("task_score") is not None:
-                self.task[key], self.dense_task[key] = r["task_score"], r["dense_task_score"]
+            key = (self.metrics.index(r.series), self.levels.index(r.level), index[r.sample_id])
+            self.bleu[key], self.sparsity[key] = r.bleu, r.sparsity
+            if r.task_score is not None:
+                self.task[key], self.dense_task[key] = r.task_score, r.dense_task_score
         # bootstrap replicates of the per-(metric, level) means, resampling samples; one set of
         # resamples for all series, so that replicates of two series of a run are paired
         rng = np.random.default_rng(0)
@@ -191,18 +185,18 @@ class RunData:
         if metric not in self.metrics:
             return None
         nearest = min(self.levels, key=lambda p: abs(p - level))
-        rows = [r for r in self.records if record_series(r) == metric and r["level"] == nearest and "kept_heads" in r]
+        rows = [r for r in self.records if r.series == metric and r.level == nearest]
         if not rows:
             return None
-        return nearest, np.mean([r["kept_heads"] for r in rows], 0), np.mean([r["kept_neurons"] for r in rows], 0)
+        return nearest, np.mean([r.kept_heads for r in rows], 0), np.mean([r.kept_neurons for r in rows], 0)
 
     def iou(self, series: str, level: float) -> tuple[float | None, float | None, int] | None:
         """Mean mask IoU (heads, neurons) of ``series`` with its oracle series (``iou_reference``)
-        at the requested ``level``, over the samples whose record has it (protocol.py's
-        ``IOU_FIELD``), and that count; None if no record has it."""
+        at the requested ``level``, over the samples whose record has it (``Record.iou_cor_gxo``),
+        and that count; None if no record has it."""
         reference = iou_reference(*(split_series(series)[1].split("/") + [None])[:2])
-        values = [r[IOU_FIELD][reference] for r in self.records
-                  if record_series(r) == series and abs(r["level"] - level) < 1e-6 and reference in r.get(IOU_FIELD, {})]
+        values = [r.iou_cor_gxo[reference] for r in self.records
+                  if r.series == series and abs(r.level - level) < 1e-6 and reference in (r.iou_cor_gxo or {})]
         if not values:
             return None
 

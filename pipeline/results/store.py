@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.errors import UserError
+from pipeline.results.record import Record
 
 RECORDS = "records.jsonl"
 RUN_INFO = "run.json"
@@ -105,7 +106,7 @@ def open_run_dir(run_dir: Path, info: dict) -> None:
 class Records:
     """The records of a run directory, and the lines that could not be read."""
 
-    rows: list[dict]
+    rows: list[Record]
     unreadable: list[str] = field(default_factory=list)  # "records.jsonl line 37"
 
     def warning(self) -> str | None:
@@ -123,39 +124,33 @@ def load_records(run_dir: Path) -> Records:
     and redone on resume appears twice on disk; the later copy wins, so nothing is
     counted twice.
     """
-    records: dict[tuple, dict] = {}
+    records: dict[tuple, Record] = {}
     unreadable = []
     # Published runs keep their records gzipped (records.jsonl.gz); live runs append to .jsonl.
     for path in sorted(run_dir.glob("records*.jsonl.gz")) + sorted(run_dir.glob("records*.jsonl")):
         text = gzip.decompress(path.read_bytes()).decode() if path.suffix == ".gz" else path.read_text()
         for number, line in enumerate(text.splitlines(), 1):
             try:
-                record = json.loads(line)
-                records[(record["sample_id"], *row_key(record))] = record
+                record = Record.from_json(json.loads(line))
+                records[record.key] = record
             except (ValueError, KeyError, TypeError):
                 unreadable.append(f"{path.name} line {number}")
     return Records(list(records.values()), unreadable)
 
 
-def read_records(run_dir: Path) -> list[dict]:
+def read_records(run_dir: Path) -> list[Record]:
     return load_records(run_dir).rows
 
 
-def row_key(record: dict) -> tuple:
-    """What tells a sample's records apart: metric, allocation, normalisation, level (records
-    written before allocations existed are per_layer)."""
-    return record["metric"], record.get("allocation", "per_layer"), record.get("normalize"), record["level"]
-
-
-def completed_samples(records: list[dict], rows_per_sample: int) -> set[str]:
+def completed_samples(records: list[Record], rows_per_sample: int) -> set[str]:
     """Samples whose records are all present."""
     counts: dict[str, set] = {}
     for record in records:
-        counts.setdefault(record["sample_id"], set()).add(row_key(record))
+        counts.setdefault(record.sample_id, set()).add(record.key)
     return {sample for sample, rows in counts.items() if len(rows) >= rows_per_sample}
 
 
-def append_records(path: Path, records: list[dict]) -> None:
+def append_records(path: Path, records: list[Record]) -> None:
     try:
         with path.open("a") as handle:
             # A torn line from a killed writer must not swallow the next record.
@@ -164,7 +159,7 @@ def append_records(path: Path, records: list[dict]) -> None:
                     check.seek(-1, os.SEEK_END)
                     if check.read(1) != b"\n":
                         handle.write("\n")
-            handle.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+            handle.write("".join(r.to_json() + "\n" for r in records))
             handle.flush()
             os.fsync(handle.fileno())
     except OSError as error:  # the torn line it may leave is skipped on reading and recomputed

@@ -14,6 +14,7 @@ import math
 from collections import defaultdict
 from pathlib import Path
 
+from pipeline.results.record import ORACLE, Record, series_name
 from pipeline.results.store import atomic_write_text
 
 MEASURES = ("sparsity", "bleu", "token_agreement", "task_score")
@@ -22,17 +23,6 @@ MEASURES = ("sparsity", "bleu", "token_agreement", "task_score")
 MAX_LOSS = 5.0
 LOSS_LABEL = f"{MAX_LOSS:g}%"  # "5%"
 HEADLINE_KEY = f"max_sparsity_within_{MAX_LOSS:g}pct_loss"  # summary.json's key (unchanged name at 5)
-# The oracle that deployable scores are measured against (the report's headroom table), and the
-# record field in which protocol.py stores label-free rows' mask overlap with its masks.
-ORACLE = "cor_gxo"
-IOU_FIELD = f"iou_{ORACLE}"
-
-
-def series_name(metric: str, allocation: str | None = "per_layer", normalize: str | None = None) -> str:
-    """``cor_gxo`` (per_layer, the paper's rule), ``cor_gxo/global/mean``, ``magnitude/calibrated``."""
-    if allocation in (None, "per_layer"):
-        return metric
-    return "/".join([metric, allocation] + ([normalize] if normalize else []))
 
 
 def iou_reference(allocation: str | None, normalize: str | None) -> str:
@@ -42,22 +32,17 @@ def iou_reference(allocation: str | None, normalize: str | None) -> str:
     return series_name(ORACLE, "per_layer") if allocation == "calibrated" else series_name(ORACLE, allocation, normalize)
 
 
-def record_series(record: dict) -> str:
-    return series_name(record["metric"], record.get("allocation"), record.get("normalize"))
-
-
-def summarize(records: list[dict]) -> list[dict]:
+def summarize(records: list[Record]) -> list[dict]:
     """Mean of each measure per (metric, allocation, normalisation, level), with the sample count, sorted."""
-    groups: dict[tuple, list[dict]] = defaultdict(list)
+    groups: dict[tuple, list[Record]] = defaultdict(list)
     for record in records:
-        allocation, normalize = record.get("allocation", "per_layer"), record.get("normalize")
-        groups[(record["metric"], allocation, normalize or "", record["level"])].append(record)
+        groups[(record.metric, record.allocation, record.normalize or "", record.level)].append(record)
     rows = []
     for (metric, allocation, normalize, level), items in sorted(groups.items()):
         row = {"metric": metric, "allocation": allocation, "normalize": normalize or None, "level": level,
                "n": len(items), "series": series_name(metric, allocation, normalize)}
         for measure in MEASURES:
-            values = [r[measure] for r in items if r.get(measure) is not None]
+            values = [getattr(r, measure) for r in items if getattr(r, measure) is not None]
             # fsum is exactly rounded, so the mean does not depend on record order (ranks, resumes)
             row[measure] = math.fsum(values) / len(values) if values else None
         row["accuracy_loss"] = 100.0 - row["bleu"]

@@ -235,7 +235,7 @@ def _evaluate_locked(job: Job, model: ModelConfig, data: DataConfig, protocol: P
     else:
         open_run_dir(run_dir, info)
 
-    records = [r for r in read_records(run_dir) if r["sample_id"] in {s.id for s in samples}]
+    records = [r for r in read_records(run_dir) if r.sample_id in {s.id for s in samples}]
     if not records:
         raise UserError(f"no records in {run_dir}")
     rows = summarize(records)
