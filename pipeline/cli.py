@@ -29,8 +29,8 @@ def run(
 
 
 def sweep(
-    models: list[ModelConfig] = [ModelConfig(name="smollm2-135m"), ModelConfig(name="gemma3-270m")],  # noqa: B006
-    datasets: list[DataConfig] = [DataConfig()],  # noqa: B006
+    models: list[ModelConfig] | None = None,
+    datasets: list[DataConfig] | None = None,
     protocol: ProtocolConfig = ProtocolConfig(),
     run: RunConfig = RunConfig(),
     root: str = "runs/sweep",
@@ -44,8 +44,8 @@ def sweep(
     checked before the first one runs.
 
     Args:
-        models: Models, each as in ``sparseact run --model``.
-        datasets: Datasets, each as in ``sparseact run --data``.
+        models: Models, each as in ``sparseact run --model`` (default: the two bundled SLMs).
+        datasets: Datasets, each as in ``sparseact run --data`` (default: the built-in demo set).
         protocol: One protocol for every cell.
         run: Hardware and batch options for every cell (output_dir is set per cell).
         root: Directory that holds one run directory per cell.
@@ -57,6 +57,8 @@ def sweep(
     """
     from pipeline.sweep import run_sweep
 
+    if models is None:
+        models = [ModelConfig(name="smollm2-135m"), ModelConfig(name="gemma3-270m")]
     run_sweep(models, datasets, protocol, run, root, slurm, lmeval)
 
 

@@ -60,12 +60,13 @@ def write_slurm_cells(grid, protocol: ProtocolConfig, root: Path) -> Path:
     return listing
 
 
-def run_sweep(models: list[ModelConfig], datasets: list[DataConfig], protocol: ProtocolConfig, run: RunConfig,
-              root: str, slurm: bool, lmeval: list[LmEvalCells] | None = None) -> None:
+def run_sweep(models: list[ModelConfig], datasets: list[DataConfig] | None, protocol: ProtocolConfig,
+              run: RunConfig, root: str, slurm: bool, lmeval: list[LmEvalCells] | None = None) -> None:
+    """``datasets`` None: the built-in demo set (for sweeps of ``sparseact run`` cells)."""
     if lmeval is not None:
         # an lm-eval sweep takes every option from its lmeval sections; a sweep file that also
         # sets datasets, protocol or run means two grids in one file: refused, not half ignored
-        given = [name for name, value, default in (("datasets", datasets, [DataConfig()]),
+        given = [name for name, value, default in (("datasets", datasets, None),
                                                     ("protocol", protocol, ProtocolConfig()), ("run", run, RunConfig()))
                  if value != default]
         if given:
@@ -75,6 +76,7 @@ def run_sweep(models: list[ModelConfig], datasets: list[DataConfig], protocol: P
             raise UserError("the lmeval section is empty: give at least one set of tasks")
         run_lmeval_sweep(models, lmeval, root, slurm)
         return
+    datasets = [DataConfig()] if datasets is None else datasets
     from tqdm import tqdm
 
     from pipeline.runner.run import calibration_samples, evaluate
