@@ -1,1 +1,1 @@
-"""Results: the run directory and its records (store.py), summaries (summary.py), plots (plot.py)."""
+"""Results: one records.jsonl line (record.py), the run directory (store.py), summaries (summary.py), plots (plot.py), the report over runs (report.py)."""
