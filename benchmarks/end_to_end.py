@@ -8,9 +8,8 @@ per sample (T dense steps + 3 x attributed positions + decoded masked rows x T) 
 non-embedding parameters, over the measured bf16 matmul rate).
 
 Phases: ``load`` (questions, model), ``dense labels``, ``attribution``, ``masks``,
-``masked decoding``, ``records`` (row numbers on the device, records on the host;
-with host work in a worker process, only the time the predicting process waits for
-it), ``writing`` (records, summary, plot), ``teardown`` (Lightning's end of predict),
+``masked decoding``, ``records`` (row numbers on the device, records on the host),
+``writing`` (records, summary, plot), ``teardown`` (Lightning's end of predict),
 ``other`` (the rest: start-up, Lightning, calibration). With ``--sync`` (default on a
 GPU) the timer synchronises CUDA at each phase edge, so GPU work is charged to the
 phase that queued it.
@@ -20,7 +19,7 @@ phase that queued it.
         --data .bench_assets/TruthfulQA.csv --questions 256 --max-new-tokens 16 --dtype bfloat16
     ... --metrics ig            # the five default scores and IG
     ... --gpus 2                # Lightning DDP over two GPUs (each rank times its own phases)
-    ... --variants all off:masked_groups off:dense_graphs+overlap none   # several runs, levers switched off
+    ... --variants all off:masked_groups off:dense_graphs none   # several runs, levers switched off
 """
 
 from __future__ import annotations
@@ -50,12 +49,10 @@ PHASES = ["load", "dense labels", "attribution", "masks", "masked decoding", "re
 LEVERS = {
     "dense_graphs": ("pipeline.decoding.generation", "DENSE_GRAPHS", False),
     "masked_groups": ("pipeline.decoding.generation", "MASKED_GROUPS", False),
-    "overlap": ("pipeline.runner.module", "OVERLAP_HOST_WORK", False),  # (off by default: see module.py)
     "keep_on_device": ("pipeline.runner.module", "KEEP_ON_DEVICE_AT_TEARDOWN", False),
     "no_cudnn": ("pipeline.runner.module", "NO_CUDNN_ATTENTION", False),
     "no_cudnn_attribution": ("pipeline.scores.exact_attention", "CUDNN_ATTENTION", True),
     "batch64": None,  # off: the former default GPU block of 16 samples
-    "on_overlap": ("pipeline.runner.module", "OVERLAP_HOST_WORK", True),
 }
 
 
@@ -136,10 +133,6 @@ def install(timer: Timer) -> None:
     timer.wrap(protocol_module, "masked_after_dense_batch", "masked decoding")
     timer.wrap(protocol_module, "_row_stats", "records")
     timer.wrap(protocol_module, "_records", "records")
-    host = sys.modules.get("pipeline.runner.host")
-    if host is not None:  # waiting for the worker process that builds and writes records
-        timer.wrap(host.HostWorker, "submit", "records")
-        timer.wrap(host.HostWorker, "wait", "records")
     timer.wrap(callbacks_module, "append_records", "writing")
     timer.wrap(callbacks_module, "save_scores", "writing")
     timer.wrap(run_module, "read_records", "writing")

@@ -6,6 +6,7 @@ bottom and can be called directly.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -138,8 +139,7 @@ def _keep(variant, importance: torch.Tensor, kind: str, levels, thresholds, laye
     metric, allocation, normalize = variant
     if SCORES[metric].thresholds:
         return threshold_masks(importance, thresholds[kind])
-    calibrated = layer_levels[metric] if allocation == "calibrated" else None
-    return allocate(allocation, importance, levels, normalize, calibrated)
+    return allocate(allocation, importance, levels, normalize, (layer_levels or {}).get(metric))
 
 
 def _keep_masks(scores, protocol: ProtocolConfig, thresholds, layer_levels=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -220,9 +220,8 @@ def mask_iou(keep: torch.Tensor, other: torch.Tensor) -> float | None:
     off, other_off = ~keep, ~other
     union = (off | other_off).sum(-1)
     valid = union > 0
-    if not valid.any():
-        return None
-    return round(((off & other_off).sum(-1)[valid] / union[valid]).mean().item(), 4)
+    iou = ((off & other_off).sum(-1)[valid] / union[valid]).mean().item()  # one wait for the device; NaN if none
+    return None if math.isnan(iou) else round(iou, 4)
 
 
 def oracle_overlap(head_keep, neuron_keep, rows, steps) -> list[dict | None]:

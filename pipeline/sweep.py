@@ -79,6 +79,7 @@ def run_sweep(models: list[ModelConfig], datasets: list[DataConfig] | None, prot
     datasets = [DataConfig()] if datasets is None else datasets
     from tqdm import tqdm
 
+    from pipeline.data.sources import load_samples
     from pipeline.runner.run import calibration_samples, evaluate
 
     root_dir = Path(root)
@@ -93,7 +94,7 @@ def run_sweep(models: list[ModelConfig], datasets: list[DataConfig] | None, prot
         return
     if protocol.needs_calibration_rows():  # every cell's calibration rows exist before the first cell runs
         for data in datasets:
-            calibration_samples(data, protocol.calibration_samples, "the static metric or calibrated allocation")
+            calibration_samples(data, load_samples(data)[0], protocol.calibration_samples)
     for name, model, data, cell_run in tqdm(grid, desc="sweep", unit="cell", position=0):
         print(f"\n== {name}")
         evaluate(model, data, protocol, cell_run)

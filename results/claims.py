@@ -65,7 +65,7 @@ def lm_eval_table() -> None:
     summarize = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(summarize)
     cells = summarize.collect(ROOT / "lm_eval" / "runs")
-    generation = {RunData(d).model: RunData(d) for d in find_runs([str(ROOT / "allocation")])}
+    generation = {run.model: run for run in map(RunData, find_runs([str(ROOT / "allocation")]))}
     print("| model | score | p | MC1 acc [95%] | MC2 acc [95%] | MC1 same choice as dense [95%] "
           "| BLEU vs dense, generated answers [95%] |")
     print("|---|---|---|---|---|---|---|")

@@ -401,3 +401,10 @@ root: {tmp_path / "runs"}
         main(["sweep", "--config", str(config)])
     assert exit_info.value.code == 2 and not (tmp_path / "runs").exists()
     assert "calibrates on the 16 rows after the evaluated ones, but only 1 remain" in capsys.readouterr().err
+
+
+def test_score_table_names_every_allocation():
+    from pipeline.masks import ALLOCATIONS
+    from pipeline.scores.metrics import EVERY_ALLOCATION
+
+    assert tuple(ALLOCATIONS) == EVERY_ALLOCATION

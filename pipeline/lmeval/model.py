@@ -22,7 +22,7 @@ from pipeline.errors import UserError
 from pipeline.lmeval import MODEL_NAME
 from pipeline.decoding.generation import DenseRun, masked_after_dense_batch
 from pipeline.hooks import HEADS, UnitHooks
-from pipeline.masks.masks import keep_masks
+from pipeline.masks.allocation import allocate
 from pipeline.models.adapters import layout_for
 from pipeline.models.loading import DTYPES
 from pipeline.models.prompts import stop_token_ids
@@ -34,13 +34,9 @@ SERVED_LABEL_FREE = frozenset({"magnitude", "wina"})
 SCORES = tuple(sorted(ORACLE | SERVED_LABEL_FREE))
 
 
-def per_layer(importance: torch.Tensor, level: float) -> torch.Tensor:
-    """``[steps, layers, units]`` -> bool keep mask: floor(level * units) lowest off in every layer."""
-    return keep_masks(importance, [level])[0]
-
-
-# The one place to add an allocation (how a level becomes keep masks from scores).
-ALLOCATIONS = {"per_layer": per_layer}
+# Allocations served here (pipeline.masks.allocation.allocate makes the masks): global and
+# calibrated need what per-request serving does not have yet (calibration rows, a level grid).
+ALLOCATIONS = ("per_layer",)
 
 MODEL_ARGS = ("pretrained", "score", "level", "allocation", "dtype", "batch_size", "dense_first_step", "ig_steps",
               "device", "revision", "trust_remote_code", "cache_dir", "tokenizer", "max_length", "max_batch_size")
@@ -129,7 +125,6 @@ class SparseActLM(HFLM):
                 raise UserError("a model object passed as pretrained needs its tokenizer")
             model, self.weights_id = pretrained, getattr(pretrained, "name_or_path", "object")
         super().__init__(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
-        self.pretrained_name = pretrained if isinstance(pretrained, str) else self.weights_id
         self.score, self.level, self.allocation = score, float(level), allocation
         self.dense_first_step, self.ig_steps = bool(dense_first_step), int(ig_steps)
         self.dense = self.level == 0.0  # level 0: lm-eval's HFLM code path, untouched
@@ -145,7 +140,7 @@ class SparseActLM(HFLM):
 
     def keep(self, importance: torch.Tensor) -> torch.Tensor:
         """Keep mask ``[steps, layers, units]`` of one request from its scores."""
-        keep = ALLOCATIONS[self.allocation](importance, self.level)
+        keep = allocate(self.allocation, importance, [self.level])[0]
         if self.dense_first_step:
             keep[0] = True
         return keep

@@ -23,12 +23,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 
 from pipeline.config import ModelConfig
 from pipeline.data.sources import lmeval_run_name
 from pipeline.errors import UserError
+from pipeline.results.store import atomic_write_text
 
 TASKS_DIR = Path(__file__).resolve().parents[2] / "configs" / "lm_eval" / "tasks"
 
@@ -131,7 +131,7 @@ def run_lmeval(model: ModelConfig, tasks: list[str], score: str, level: float, a
                             f"{previous.get('fingerprint')}, this one {print_}); choose another output_dir")
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "cache").mkdir(exist_ok=True)
-    _write(stored, json.dumps({"fingerprint": print_, "config": config}, indent=2))
+    atomic_write_text(stored, json.dumps({"fingerprint": print_, "config": config}, indent=2))
 
     import lm_eval
     from lm_eval.utils import handle_non_serializable, make_table
@@ -147,15 +147,10 @@ def run_lmeval(model: ModelConfig, tasks: list[str], score: str, level: float, a
         return run_dir
     samples = results.pop("samples", {})
     for task, rows in samples.items():
-        _write(run_dir / f"samples_{task}.jsonl",
+        atomic_write_text(run_dir / f"samples_{task}.jsonl",
                "".join(json.dumps(r, default=handle_non_serializable, ensure_ascii=False) + "\n" for r in rows))
-    _write(run_dir / "results.json", json.dumps(results, indent=2, default=handle_non_serializable, ensure_ascii=False))
+    atomic_write_text(run_dir / "results.json", json.dumps(results, indent=2, default=handle_non_serializable, ensure_ascii=False))
     print(make_table(results))
     print(f"run directory: {run_dir}")
     return run_dir
 
-
-def _write(path: Path, text: str) -> None:
-    partial = path.with_name(path.name + f".tmp{os.getpid()}")
-    partial.write_text(text)
-    partial.replace(path)

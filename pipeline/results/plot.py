@@ -129,7 +129,7 @@ def plot_curves(rows: list[dict], path: Path, title: str) -> None:
 
     lines: dict[str, list] = defaultdict(list)
     for row in rows:
-        lines[row.get("series", row["metric"])].append((1.0 - row["sparsity"], row["bleu"]))
+        lines[row["series"]].append((1.0 - row["sparsity"], row["bleu"]))
     curves = []
     for series, points in sorted(lines.items()):
         xs, ys = zip(*sorted(points))

@@ -73,7 +73,7 @@ def headline(rows: list[dict]) -> dict[str, float]:
     """Max sparsity within MAX_LOSS loss per series (metric, or metric/allocation[/normalisation])."""
     by_metric: dict[str, list] = defaultdict(list)
     for row in rows:
-        by_metric[row.get("series", row["metric"])].append((row["sparsity"], row["accuracy_loss"]))
+        by_metric[row["series"]].append((row["sparsity"], row["accuracy_loss"]))
     return {metric: max_sparsity_within_loss(points) for metric, points in by_metric.items()}
 
 

@@ -2,39 +2,18 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import lightning as L
 
 from pipeline.config import ProtocolConfig
 from pipeline.data.datamodule import Block
 from pipeline.hooks import UnitHooks
 from pipeline.models.adapters import layout_for
-from pipeline.protocol import DecodedBatch, decode_batch
+from pipeline.protocol import decode_batch
 
-# On a GPU, build and write a batch's records in a worker process while the next batch
-# computes. Off by default: measured on an H200 (256 questions, Phi-2 and SmolLM2 shapes) it
-# saved about 0.6 s of records and writing per run once the worker ran, but the worker's own
-# start (importing torch and the pipeline, 2-12 s) came on top for runs of this length.
-OVERLAP_HOST_WORK = False
-OVERLAP_ON = {"cuda"}  # device types where that pays (on a CPU the worker would take the cores' time)
 KEEP_ON_DEVICE_AT_TEARDOWN = True  # Lightning's teardown would copy the model to the CPU (Phi-2: 3.5 s)
 # cuDNN's attention builds a plan for every new shape (each block, each captured step size):
 # seconds each, where the other kernels cost the same per call without it
 NO_CUDNN_ATTENTION = True
-
-
-@dataclass
-class Deferred:
-    """A batch whose device work is done; the writer builds its records (``DecodedBatch.finish``)."""
-
-    decoded: DecodedBatch
-    done: frozenset  # samples already in the run directory: not written again
-
-
-def overlaps(module) -> bool:
-    """Whether the module's batches hand their host work to a worker process."""
-    return OVERLAP_HOST_WORK and module.device.type in OVERLAP_ON
 
 
 def _attention_kernels():
@@ -77,8 +56,6 @@ class SparseActivationModule(L.LightningModule):
             decoded = decode_batch(self.model, self.tokenizer, self.layout, batch.samples, self.template,
                                    self.protocol, self.stop_ids, self.thresholds, self.layer_levels,
                                    self.unit_hooks)
-        if overlaps(self):
-            return Deferred(decoded, batch.done)
         return decoded.finish(self.tokenizer, self.protocol, self.task, batch.done)
 
     def cpu(self):

@@ -35,17 +35,16 @@ from pipeline.runner.preemption import Interrupted, Preempted, PreemptionCallbac
 from pipeline.scores.metrics import SCORES
 
 
-def calibration_samples(data: DataConfig, count: int, purpose: str = "the static metric"):
+def calibration_samples(data: DataConfig, evaluated: list[Sample], count: int):
     """The rows right after the evaluated slice: calibration never sees evaluated samples."""
-    evaluated, _ = load_samples(data)
     after = int(evaluated[-1].id.rsplit(":", 1)[1]) + 1
     try:
         samples, _ = load_samples(replace(data, start=after, limit=count))
     except UserError:
         samples = []
     if len(samples) < count:
-        raise UserError(f"{purpose} calibrates on the {count} rows after the evaluated ones, but only "
-                        f"{len(samples)} remain; lower protocol.calibration_samples or data.limit")
+        raise UserError(f"the static metric or calibrated allocation calibrates on the {count} rows after the "
+                        f"evaluated ones, but only {len(samples)} remain; lower protocol.calibration_samples or data.limit")
     return samples
 
 
@@ -121,8 +120,7 @@ def evaluate(
     layout = layout_for(loaded.model)  # unsupported architectures fail here, before any file is written
     template = resolve_template(model.template, loaded.tokenizer)
     # what the static thresholds and the calibrated allocation read, checked before anything is written
-    calibration = calibration_samples(data, protocol.calibration_samples, "the static metric or calibrated allocation"
-                                      ) if protocol.needs_calibration_rows() else []
+    calibration = calibration_samples(data, samples, protocol.calibration_samples) if protocol.needs_calibration_rows() else []
     levels = levels_for_run(protocol, layout)  # a given levels file must fit the model
     check_context(loaded, template, samples + calibration, protocol)
     device = device_type(run)
@@ -159,7 +157,7 @@ def evaluate(
 
 @dataclass
 class Job:
-    """What the run has resolved before it touches the directory: passed on explicitly."""
+    """What the run resolved before it took the directory's lock: passed on explicitly."""
 
     run_dir: Path
     info: dict  # run.json: fingerprint, config, numbers_affecting
@@ -168,7 +166,7 @@ class Job:
     template: str
     task: str
     samples: list[Sample]
-    calibration: list[Sample]  # rows after the evaluated slice (static metric), else empty
+    calibration: list[Sample]  # rows after the evaluated slice (static metric, calibrated allocation), else empty
     batch_size: int
     levels: object  # the calibrated allocation's levels (masks/levels_file.py)
 
@@ -235,7 +233,8 @@ def _evaluate_locked(job: Job, model: ModelConfig, data: DataConfig, protocol: P
     else:
         open_run_dir(run_dir, info)
 
-    records = [r for r in read_records(run_dir) if r.sample_id in {s.id for s in samples}]
+    evaluated = {s.id for s in samples}
+    records = [r for r in (read_records(run_dir) if pending else existing.rows) if r.sample_id in evaluated]
     if not records:
         raise UserError(f"no records in {run_dir}")
     rows = summarize(records)

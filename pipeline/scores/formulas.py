@@ -100,7 +100,7 @@ def cor_gxo_neurons(t: Terms) -> torch.Tensor:
 
 
 def wina_neurons(t: Terms) -> torch.Tensor:
-    return wina_neuron_scores(t.x, t.weights)
+    return t.abs_x * t.weights.to(t.x.dtype)  # wina_neuron_scores, sharing |x| with the other scores
 
 
 def wina_head_scores(x: torch.Tensor, head_weights: torch.Tensor) -> torch.Tensor:

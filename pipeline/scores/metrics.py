@@ -20,6 +20,8 @@ if TYPE_CHECKING:
 
     from pipeline.scores.formulas import Terms
 
+# the names of pipeline.masks.ALLOCATIONS (masks/ imports scores/, so not imported from there;
+# tests/test_allocation.py checks the two agree)
 EVERY_ALLOCATION = ("per_layer", "global", "calibrated")
 # Calibrated levels are searched on calibration rows and then applied to other rows: a
 # score that needs the other rows' labels (their dense outputs) has nothing to apply them to.
