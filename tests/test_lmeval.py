@@ -345,6 +345,8 @@ def test_bad_input_is_one_line(tiny_dir, tmp_path, manager, capsys, extra, messa
     assert exit_info.value.code != 0
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip() and "it/s]" not in line]
     assert len(err) == 1 and err[0].startswith("sparseact: error:") and message in err[0], err
+    if "--data_dir" in extra:  # found before the model loads: nothing written
+        assert not (tmp_path / "run").exists()
 
 
 def test_lm_eval_cli_unknown_model_arg_is_one_line(tiny_dir, manager):

@@ -157,15 +157,29 @@ def _read_rows(config: DataConfig, preset: Preset):
     subset, split = config.subset or subset, config.split or split
     from pipeline.hub import hub_reachable
 
-    if not hub_reachable():
-        raise UserError(f"could not load dataset '{hub_id}': the Hugging Face Hub cannot be reached (offline); "
-                        "pass a local file with --data.path")
+    if not hub_reachable():  # a dataset already in the local cache still loads, without any network call
+        return _load_cached(datasets, hub_id, subset, split)
     try:
         return datasets.load_dataset(hub_id, subset, split=split, revision=None)
     except Exception as error:
         first = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise UserError(f"could not load dataset '{hub_id}' from the Hugging Face Hub ({first}); "
                         f"pass a local file with --data.path")
+
+
+def _load_cached(datasets, hub_id: str, subset, split):
+    """A Hub dataset from the local cache only (offline mode for this call), or one clear line."""
+    import huggingface_hub.constants as hub_constants
+
+    saved = datasets.config.HF_HUB_OFFLINE, hub_constants.HF_HUB_OFFLINE
+    datasets.config.HF_HUB_OFFLINE = hub_constants.HF_HUB_OFFLINE = True
+    try:
+        return datasets.load_dataset(hub_id, subset, split=split, revision=None)
+    except Exception:
+        raise UserError(f"could not load dataset '{hub_id}': it is not in the local cache and the Hugging Face Hub "
+                        "cannot be reached (offline); pass a local file with --data.path") from None
+    finally:
+        datasets.config.HF_HUB_OFFLINE, hub_constants.HF_HUB_OFFLINE = saved
 
 
 def _pick_field(columns, configured: str | None, candidates: tuple[str, ...], what: str, required: bool):

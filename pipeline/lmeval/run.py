@@ -112,6 +112,7 @@ def run_lmeval(model: ModelConfig, tasks: list[str], score: str, level: float, a
                gen_kwargs: str | None, include_path: list[str], data_dir: str | None, output_dir: str | None,
                device: str, ig_steps: int, apply_chat_template: bool, progress: bool) -> Path:
     manager = check(model, tasks, score, level, allocation, batch_size, limit, ig_steps, include_path, data_dir)
+    check_task_data(tasks, manager)  # a missing data file: one line before the model loads or anything is written
     from pipeline.lmeval.model import SparseActLM
 
     lm = SparseActLM(pretrained=model.name, score=score, level=level, allocation=allocation, dtype=model.dtype,

@@ -77,8 +77,9 @@ class RunLevels:
             check_levels(self.given, layout, self.metrics, protocol.allocation_levels)
 
     def tensors(self, model, tokenizer, template: str, samples, stop_ids: list[int],
-                run_dir: Path) -> dict | None:
-        """``{metric: [levels, layers]}``, or None when no score is calibrated; writes ``LEVELS_FILE``."""
+                run_dir: Path, write: bool = True) -> dict | None:
+        """``{metric: [levels, layers]}``, or None when no score is calibrated; writes ``LEVELS_FILE``
+        when ``write`` (rank 0 only: every rank uses rank 0's levels, so the file must be those)."""
         if not self.metrics:
             return None
         from pipeline.results.store import atomic_write_text
@@ -95,7 +96,7 @@ class RunLevels:
                                                     self.protocol.calibration_step)
             print(f"calibrated per-layer levels of {', '.join(self.metrics)} on {len(samples)} rows "
                   f"in {time.time() - started:.1f} s")
-        if not path.exists():
+        if write and not path.exists():
             atomic_write_text(path, json.dumps(document, indent=1) + "\n")
         return {m: layer_levels(document, m, self.layout, self.protocol.levels) for m in self.metrics}
 

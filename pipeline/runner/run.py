@@ -210,7 +210,8 @@ def _evaluate_locked(job: Job, model: ModelConfig, data: DataConfig, protocol: P
         if any(SCORES[m].thresholds for m in protocol.metrics):
             thresholds = calibrate(loaded.model, loaded.tokenizer, template, calibration, protocol.levels,
                                    protocol.max_new_tokens, stop_ids)
-        layer_levels = levels.tensors(loaded.model, loaded.tokenizer, template, calibration, stop_ids, run_dir)
+        layer_levels = levels.tensors(loaded.model, loaded.tokenizer, template, calibration, stop_ids, run_dir,
+                                      write=trainer.global_rank == 0)
         module = SparseActivationModule(loaded.model, loaded.tokenizer, template, protocol, task, stop_ids, thresholds,
                                         layer_levels)
         started = time.time()
