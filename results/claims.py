@@ -58,7 +58,8 @@ def lm_eval_table() -> None:
     """README "lm-eval results": TruthfulQA MC1/MC2 accuracy (lm-eval, first 200 questions) and the
     agreement of the MC1 choice with the dense model's, next to the BLEU of the generated answer
     against the dense one (``sparseact run``, per_layer, first 100 questions) for the same model,
-    score and level."""
+    score and level; then GSM8K (first 50) exact match next to the BLEU of lm-eval's own
+    generations against the dense model's."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("summarize", ROOT / "lm_eval" / "summarize.py")
@@ -82,6 +83,16 @@ def lm_eval_table() -> None:
                 half = run.at_level(run.metrics.index(score), level)
                 bleu = fmt(*half["bleu"], digits=1) if half and half["bleu"] else "-"
             print(f"| {model} | {score} | {level} | {acc1} | {acc2} | {same} | {bleu} |")
+    print()
+    print("| model | score | p | GSM8K exact match [95%] | BLEU vs dense, lm-eval's GSM8K generations [95%] |")
+    print("|---|---|---|---|---|")
+    for model in sorted({m for m, _ in cells}):
+        gsm8k = cells.get((model, "gsm8k_local"), {})
+        dense = gsm8k.get(("dense", 0.0))
+        for key in sorted(gsm8k, key=lambda k: (k[0] != "dense", k)):
+            acc = fmt(*summarize.interval([d["score"] for d in gsm8k[key].values()]))
+            bleu = fmt(*summarize.interval(summarize.fidelity("gsm8k_local", gsm8k[key], dense)), digits=1) if dense else "-"
+            print(f"| {model} | {key[0]} | {key[1]} | {acc} | {bleu} |")
 
 
 if __name__ == "__main__":

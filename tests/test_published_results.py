@@ -98,3 +98,69 @@ def test_published_allocation_records_hold_together(run_dir):
                 assert abs(off - expected) < 1e-3, (r.sample_id, r.metric, r.normalize, r.level)
             checked += 1
     assert checked > 1000
+
+
+LM_EVAL = Path(__file__).resolve().parents[1] / "results" / "lm_eval" / "runs"
+LM_EVAL_SETS = {"truthfulqa": (["truthfulqa_mc1_local", "truthfulqa_mc2_local"], 200), "gsm8k": (["gsm8k_local"], 50)}
+LM_EVAL_CELLS = [(model, name, score, level) for model in ("smollm2-135m", "gemma3-270m") for name in LM_EVAL_SETS
+                 for score, level in [("dense", 0.0)] + [(s, p) for s in ("magnitude", "wina", "cor_gxo")
+                                                          for p in (0.3, 0.5, 0.7)]]
+
+
+def _lm_eval_samples(run_dir: Path, task: str) -> list[dict]:
+    import gzip
+
+    text = gzip.decompress((run_dir / f"samples_{task}.jsonl.gz").read_bytes()).decode()
+    return [json.loads(line) for line in text.splitlines()]
+
+
+def _last_number(text: str) -> str | None:
+    """GSM8K's flexible match, written out: the last number in the text, without '$', ',' and a final '.'."""
+    import re
+
+    numbers = re.findall(r"-?[$0-9.,]*[0-9][$0-9.,]*", text)
+    return numbers[-1].replace(",", "").replace("$", "").rstrip(".") if numbers else None
+
+
+@pytest.mark.skipif(not LM_EVAL.exists(), reason="results/lm_eval/runs is not published in this checkout")
+@pytest.mark.parametrize("cell", LM_EVAL_CELLS, ids=lambda c: "-".join(map(str, c)))
+def test_published_lm_eval_cells_hold_together(cell):
+    """Issue 13's grid (published from H200s): every cell exists under the sweep's name with the
+    configuration its name says, holds the first N documents of each task, and every per-document
+    metric and every aggregate in results.json is recomputed here from lm-eval's own per-choice
+    log-likelihoods and generations (MC1: the gold answer, listed first, has the highest
+    log-likelihood; MC2: the normalised probability mass of the true answers; GSM8K: the last
+    number of the generation equals the number after '####')."""
+    model, name, score, level = cell
+    run_dir = LM_EVAL / (f"{model}__{name}__dense" if level == 0 else f"{model}__{name}__{score}-{level}-per_layer")
+    tasks, limit = LM_EVAL_SETS[name]
+    config = json.loads((run_dir / "run.json").read_text())["config"]
+    assert (config["model"], config["tasks"], config["level"], config["limit"]) == (model, tasks, level, limit)
+    assert config["allocation"] == "per_layer" and config["dtype"] == "float32"
+    if level:
+        assert config["score"] == score
+    results = json.loads((run_dir / "results.json").read_text())["results"]
+    for task in tasks:
+        samples = _lm_eval_samples(run_dir, task)
+        if task == "gsm8k_local":
+            samples = [s for s in samples if s["filter"] == "flexible-extract"]
+        assert sorted(int(s["doc_id"]) for s in samples) == list(range(limit))
+        import numpy as np
+
+        for s in samples:
+            if task == "gsm8k_local":
+                target = s["doc"]["answer"].split("####")[-1].strip().replace(",", "")
+                expected = float(_last_number(s["resps"][0][0]) == target)
+                assert s["exact_match"] == expected, (s["doc_id"], s["resps"][0][0][-80:], target)
+                continue
+            lls = np.array([r[0][0] for r in s["resps"]], dtype=float)
+            labels = np.array(s["doc"]["labels"])
+            if task == "truthfulqa_mc1_local":
+                assert labels[0] == 1 and labels[1:].sum() == 0
+                assert s["acc"] == float(lls.argmax() == 0), s["doc_id"]
+            else:
+                probs = np.exp(lls - lls.max())
+                assert abs(s["acc"] - probs[labels == 1].sum() / probs.sum()) < 1e-9, s["doc_id"]
+        key = "exact_match,flexible-extract" if task == "gsm8k_local" else "acc,none"
+        metric = "exact_match" if task == "gsm8k_local" else "acc"
+        assert abs(results[task][key] - np.mean([s[metric] for s in samples])) < 1e-12
