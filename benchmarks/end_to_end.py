@@ -35,6 +35,7 @@ from pathlib import Path
 
 _STARTED = time.perf_counter()
 import torch  # noqa: E402
+from torch.nn.attention import SDPBackend  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, record  # noqa: E402
@@ -53,6 +54,10 @@ LEVERS = {
     "no_cudnn": ("pipeline.runner.module", "NO_CUDNN_ATTENTION", False),
     "no_cudnn_attribution": ("pipeline.scores.exact_attention", "CUDNN_ATTENTION", True),
     "batch64": None,  # off: the former default GPU block of 16 samples
+    # attention kernels of the captured decoding steps: off = without cuDNN's, or the unfused (math) one only
+    "capture_cudnn": ("pipeline.decoding.cuda_graph", "CAPTURE_BACKENDS",
+                      [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]),
+    "capture_fused": ("pipeline.decoding.cuda_graph", "CAPTURE_BACKENDS", [SDPBackend.MATH]),
 }
 
 
@@ -298,6 +303,10 @@ def one_run(args, label: str, off: set[str], model_name: str, rate, gpus: int) -
                                config.num_hidden_layers)
             result["flop_limit_s"] = flops / rate
             result["parameters"] = parameters
+            # the attribution phase's own rate (its passes and, with ig, the IG passes)
+            attribution = flop_limit(timer.shapes, metrics, [], parameters, args.ig_steps, config.num_hidden_layers)
+            attribution -= sum(T for _, T in timer.shapes) * 2 * parameters  # the dense steps are not in it
+            result["attribution_share"] = attribution / max(result["phases"]["attribution"], 1e-9) / rate
     return result
 
 
@@ -325,6 +334,9 @@ def report(result: dict, rate) -> list[str]:
         extra.append(f"FLOP limit {result['flop_limit_s']:.2f} s at {rate / 1e12:.0f} TFLOP/s "
                      f"({result['parameters'] / 1e9:.2f} B non-embedding params) = "
                      f"{result['flop_limit_s'] / result['prediction_s']:.1%} of it")
+    if result.get("attribution_share") is not None:
+        extra.append(f"attribution{' incl. IG' if 'ig' in result['metrics'] else ''} at "
+                     f"{result['attribution_share']:.0%} of the matmul rate")
     if extra:
         lines.append("    " + "; ".join(extra))
     return lines

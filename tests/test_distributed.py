@@ -135,3 +135,28 @@ def test_sigterm_stops_between_batches(tiny_dir, tmp_path):
     for r in records:
         per_sample[r.sample_id] = per_sample.get(r.sample_id, 0) + 1
     assert set(per_sample.values()) == {ROWS // SAMPLES}
+
+
+def _limited(command: list[str], samples: int) -> list[str]:
+    command = list(command)
+    command[command.index("--data.limit") + 1] = str(samples)
+    return command
+
+
+@pytest.mark.parametrize("launcher", ["lightning", "torchrun"])
+def test_a_rank_without_a_block_finishes(tiny_dir, reference, tmp_path, launcher):
+    """One block of two questions for two ranks: rank 1 has nothing to do and must not wait
+    forever for a collective that only rank 0 enters (it did: rank 0 broadcast calibrated
+    levels when its predict loop started, a loop rank 1 skips). Also with every rank started
+    at once by torchrun, as srun starts them on a cluster."""
+    out = tmp_path / "run"
+    command = _limited(_command(tiny_dir, out, 2), 2)
+    if launcher == "torchrun":
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                   *command[1:]]
+    result = subprocess.run(command, capture_output=True, text=True, env=_env(), timeout=180)
+    assert result.returncode == 0, result.stderr[-2000:]
+    records = read_records(out)
+    assert len(records) == 2 * 5 * 3
+    expected = {(r.sample_id, r.metric, r.level): r for r in read_records(reference)}
+    assert all(expected[(r.sample_id, r.metric, r.level)] == r for r in records)

@@ -142,3 +142,28 @@ def test_padded_captured_steps_equal_eager_decoding(arch, monkeypatch):
     assert any(key[0] == "padded" for key in model._sparseact_decoders)
     assert generation.masked_after_dense_batch(model, dense, heads, neurons, []) == expected
     assert sum(key[0] == "padded" and key[2] for key in model._sparseact_decoders) == 1  # one shape for all groups
+
+
+def test_out_of_memory_halves_with_the_failed_attempt_freed(monkeypatch):
+    """A batch that runs out of memory is attributed in halves, and each half starts after the
+    failed attempt's tensors are gone (held by the exception's traceback, they made every half
+    run out of memory too)."""
+    import weakref
+
+    import pipeline.protocol as protocol_module
+    from pipeline.config import ProtocolConfig
+
+    alive = []
+
+    def attribute_batch(model, prompts, labels, metrics, ig_steps, hooks=None):
+        assert all(ref() is None for ref in alive), "a failed attempt's tensor is still alive"
+        if len(prompts) > 1:
+            activations = torch.ones(1000)  # stands for the attempt's activations, referenced by its frame
+            alive.append(weakref.ref(activations))
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return [prompts[0].item()]
+
+    monkeypatch.setattr(protocol_module, "attribute_batch", attribute_batch)
+    prompts = [torch.tensor([i]) for i in range(5)]
+    result = protocol_module._attribute_fitting(None, prompts, prompts, ProtocolConfig(), None)
+    assert result == [0, 1, 2, 3, 4] and len(alive) == 4

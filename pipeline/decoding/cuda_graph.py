@@ -24,11 +24,16 @@ from __future__ import annotations
 import warnings
 
 import torch
+from torch.nn.attention import SDPBackend
 
 from pipeline.hooks import StepMasks, UnitHooks
 from pipeline.models.inputs import with_cache
 
 _POOL = None  # one memory pool shared by all captured graphs
+# Attention kernels a captured step may use (benchmarks/masked_step.py compares them)
+CAPTURE_BACKENDS_DEFAULT = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                            SDPBackend.MATH]
+CAPTURE_BACKENDS = CAPTURE_BACKENDS_DEFAULT
 CHECK_EVERY = 8  # steps between "has every row finished?" checks on a GPU (each waits for it)
 
 
@@ -96,11 +101,9 @@ class CapturedDecoder:
         # Every attention kernel may serve the captured step, cuDNN's too (its plan is built once
         # here; a run may have switched it off for its eager passes, where each shape needs a plan):
         # masked decoding took 8.5 s with it and 11.6-12.3 s without (Phi-2 shape, 256 questions, H200).
-        from torch.nn.attention import SDPBackend, sdpa_kernel
+        from torch.nn.attention import sdpa_kernel
 
-        everything = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
-                      SDPBackend.MATH]
-        with sdpa_kernel(everything):  # enabled, in PyTorch's own order of preference
+        with sdpa_kernel(CAPTURE_BACKENDS):  # enabled, in PyTorch's own order of preference
             self._capture_step(kv, first_input, heads, neurons, hooks, prefix_mask, positions)
 
     def _capture_step(self, kv, first_input, heads, neurons, hooks, prefix_mask=None, positions=None) -> None:

@@ -44,9 +44,11 @@ class SparseActivationModule(L.LightningModule):
         # near the end of a resumed run a rank may have no block left
         self.allow_zero_length_dataloader_with_multiple_devices = True
 
-    def on_predict_start(self) -> None:
+    def setup(self, stage: str) -> None:
         # Every rank calibrated on its own before the trainer existed; float kernels of different
-        # devices may order near-equal values differently, so all ranks take rank 0's.
+        # devices may order near-equal values differently, so all ranks take rank 0's. Here and
+        # not in on_predict_start: a rank without a block skips its predict loop and its hooks,
+        # and rank 0 would wait for it in the broadcast forever.
         self.thresholds, self.layer_levels = self.trainer.strategy.broadcast((self.thresholds, self.layer_levels), src=0)
 
     def predict_step(self, batch: Block, batch_idx: int):

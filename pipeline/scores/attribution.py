@@ -27,6 +27,12 @@ from pipeline.scores.formulas import Terms
 from pipeline.scores.metrics import DEFAULT_METRICS, SCORES, neuron_score_set
 
 IGNORE = -100
+# The LM head runs on at least this many rows of the batch (more positions per sample where the
+# batch is small, or all): its backward for fewer rows is a matrix-vector product whose fp32 sum
+# over the vocabulary is ~10x less precise (SmolLM2, one sample, one label: 2.2e-4 relative error
+# of the gradients against fp64, 1.8e-5 with 4+ rows on a CPU;
+# tests/test_scores.py::test_one_token_answer_fp32_precision). The extra rows take no part in the loss.
+MIN_LOGIT_ROWS = 16
 SPLIT_PREFIX_ON = {"cpu"}  # device types where the prompt prefix runs without autograd (see below)
 
 
@@ -63,12 +69,12 @@ class Packed:
     def split(self) -> tuple[dict, "Packed"]:
         """Inputs of the positions before any label position, and the rest.
 
-        Left padding puts every label position in the last ``max T`` columns. The
-        columns before them need no gradient (exact attention sees earlier positions
+        Left padding puts every label position in the last ``max T`` columns (the
+        split keeps ``logits_kept`` columns when more). The columns before them need no gradient (exact attention sees earlier positions
         only as fixed context), so they run once without autograd and reach the
         attribution pass as a KV cache.
         """
-        cut = self.input_ids.shape[1] - int(self.positions.shape[1])
+        cut = self.input_ids.shape[1] - max(int(self.positions.shape[1]), self.logits_kept)
         prefix = dict(input_ids=self.input_ids[:, :cut], attention_mask=self.attention_mask[:, :cut],
                       position_ids=self.position_ids[:, :cut])
         rest = replace(self, input_ids=self.input_ids[:, cut:], position_ids=self.position_ids[:, cut:],
@@ -122,7 +128,8 @@ def pack(prompts: list[torch.Tensor], labels: list[torch.Tensor], padding_side: 
     packed = Packed(to(input_ids), to(attention_mask), to(position_ids(attention_mask)), to(positions), to(label_ids),
                     label_lengths.tolist(), to(valid))
     if padding_side == "left" and keep_argument is not None:
-        packed.logits_kept, packed.keep_argument = T, keep_argument
+        packed.logits_kept = min(max(T, -(-MIN_LOGIT_ROWS // B)), input_ids.shape[1])
+        packed.keep_argument = keep_argument
     return packed
 
 
@@ -155,7 +162,7 @@ def _outputs_and_gradients(model, hooks: UnitHooks, attention: ExactAttention, p
     # GPU time they save: one pass over the whole sequence measured 127-141 ms against
     # 149-186 ms (Phi-2 shape, 64 prompts, H200).
     split = packed.input_ids.device.type in SPLIT_PREFIX_ON and not keep_context
-    if split and packed.logits_kept and packed.input_ids.shape[1] > packed.positions.shape[1]:
+    if split and packed.logits_kept and packed.input_ids.shape[1] > packed.logits_kept:
         prefix, packed = packed.split()
         cache = DynamicCache(config=model.config)
         with torch.no_grad():
