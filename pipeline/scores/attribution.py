@@ -70,9 +70,9 @@ class Packed:
         """Inputs of the positions before any label position, and the rest.
 
         Left padding puts every label position in the last ``max T`` columns (the
-        split keeps ``logits_kept`` columns when more). The columns before them need no gradient (exact attention sees earlier positions
-        only as fixed context), so they run once without autograd and reach the
-        attribution pass as a KV cache.
+        split keeps ``logits_kept`` columns when that is more). The columns before them
+        need no gradient (exact attention sees earlier positions only as fixed context),
+        so they run once without autograd and reach the attribution pass as a KV cache.
         """
         cut = self.input_ids.shape[1] - max(int(self.positions.shape[1]), self.logits_kept)
         prefix = dict(input_ids=self.input_ids[:, :cut], attention_mask=self.attention_mask[:, :cut],
