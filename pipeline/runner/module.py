@@ -49,7 +49,8 @@ class SparseActivationModule(L.LightningModule):
         # devices may order near-equal values differently, so all ranks take rank 0's. Here and
         # not in on_predict_start: a rank without a block skips its predict loop and its hooks,
         # and rank 0 would wait for it in the broadcast forever.
-        self.thresholds, self.layer_levels = self.trainer.strategy.broadcast((self.thresholds, self.layer_levels), src=0)
+        shared = self.trainer.strategy.broadcast((self.thresholds, self.layer_levels), src=0)
+        self.thresholds, self.layer_levels = shared
 
     def predict_step(self, batch: Block, batch_idx: int):
         # Records leave through the RecordWriter callback, not through a returned list
