@@ -150,7 +150,7 @@ def check_lmeval_cells(models: list[ModelConfig], sections: list[LmEvalCells],
             raise UserError(f"lmeval section {section.name}: no levels given")
         if not section.scores and any(level != 0 for level in section.levels):
             raise UserError(f"lmeval section {section.name}: no scores given for levels above 0")
-    checked, data_checked = set(), set()
+    checked, digests = set(), {}
     for name, cell in grid:
         key = (cell["model"].dtype, cell["score"], cell["level"], cell["allocation"], cell["batch_size"], cell["limit"],
                cell["ig_steps"], tuple(cell["tasks"]), tuple(cell["include_path"]), cell["data_dir"])
@@ -159,16 +159,18 @@ def check_lmeval_cells(models: list[ModelConfig], sections: list[LmEvalCells],
             manager = check(cell["model"], cell["tasks"], cell["score"], cell["level"], cell["allocation"],
                             cell["batch_size"], cell["limit"], cell["ig_steps"], cell["include_path"],
                             cell["data_dir"])
-            if key[-3:] not in data_checked:
-                data_checked.add(key[-3:])
-                check_task_data(cell["tasks"], manager)
+            documents = (*key[-3:], cell["limit"])
+            if documents not in digests:
+                digests[documents] = check_task_data(cell["tasks"], manager, cell["limit"])
         stored = Path(cell["output_dir"]) / "run.json"
         if stored.exists():  # a cell started before: same configuration, or refused now rather than mid-sweep
             previous = json.loads(stored.read_text()).get("config", {})
             wanted = run_config(cell["model"], previous.get("weights"), cell["tasks"], cell["score"], cell["level"],
                                 cell["allocation"], cell["dense_first_step"], cell["batch_size"], cell["limit"],
                                 cell["num_fewshot"], cell["gen_kwargs"], cell["data_dir"], cell["ig_steps"],
-                                cell["apply_chat_template"])
+                                cell["apply_chat_template"],
+                                digests[(tuple(cell["tasks"]), tuple(cell["include_path"]), cell["data_dir"],
+                                         cell["limit"])])
             if previous != wanted:
                 changed = sorted(k for k in set(previous) | set(wanted) if previous.get(k) != wanted.get(k))
                 raise UserError(f"{stored.parent} holds an lm-eval run with another configuration "

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import stat
 import subprocess
 from pathlib import Path
@@ -102,7 +103,7 @@ def test_sweep_cells_equal_direct_runs_and_a_rerun_skips_them(tiny_dir, tmp_path
     with pytest.raises(SystemExit) as exit_info:
         main(["sweep", "--config", str(_sweep_file(tmp_path, tiny_dir, root, limit=3))])
     assert exit_info.value.code == 2 and calls == [str(unfinished)]
-    assert "holds an lm-eval run with another configuration (limit differ)" in capsys.readouterr().err
+    assert "holds an lm-eval run with another configuration (limit, tasks_content_sha256 differ)" in capsys.readouterr().err
 
 
 def test_slurm_writes_one_lmeval_config_per_cell_and_the_array_runs_lmeval(tiny_dir, tmp_path, capsys):
@@ -187,3 +188,44 @@ def test_the_shipped_lm_eval_sweep_is_the_run_sh_grid(tmp_path, capsys):
             config = yaml.safe_load((root / "cells" / f"{model}__{tasks}__wina-0.5-per_layer.yaml").read_text())
             assert config["limit"] == limit and config["gen_kwargs"] is None
     assert cells == expected and len(cells) == 40
+
+
+def test_edited_task_documents_are_another_run(tiny_dir, tmp_path, capsys):
+    """The documents a cell evaluates are part of its identity: an edited question inside the
+    limit makes the sweep and ``sparseact lmeval`` refuse the finished cell's directory
+    (instead of skipping it as done); an edit beyond the limit changes nothing."""
+    import csv
+
+    from pipeline.errors import UserError
+    from pipeline.lmeval.run import run_lmeval
+
+    data = tmp_path / "data"
+    (data / "truthfulqa").mkdir(parents=True)
+    csv_path = data / "truthfulqa" / "TruthfulQA.csv"
+    shutil.copy(shared_file("truthfulqa", "TruthfulQA.csv"), csv_path)
+    root = tmp_path / "sweep"
+    config = _sweep_file(tmp_path, tiny_dir, root, levels=[0.5], data_dir=str(data))
+    main(["sweep", "--config", str(config)])
+    cell = root / f"{tiny_dir.name}__tqa__magnitude-0.5-per_layer"
+    assert (cell / "results.json").exists()
+
+    def edit(row: int) -> None:
+        with csv_path.open(newline="", encoding="utf-8") as handle:
+            rows = list(csv.reader(handle))
+        question = rows[0].index("Question")
+        rows[row + 1][question] += " (edited)"
+        with csv_path.open("w", newline="", encoding="utf-8") as handle:
+            csv.writer(handle).writerows(rows)
+
+    edit(10)  # beyond limit 2: the same run
+    capsys.readouterr()
+    main(["sweep", "--config", str(config)])
+    assert "1 of 1 lm-eval cells already finished" in capsys.readouterr().out
+    edit(1)  # the second evaluated question
+    with pytest.raises(SystemExit) as exit_info:
+        main(["sweep", "--config", str(config)])
+    assert exit_info.value.code == 2
+    assert "another configuration (tasks_content_sha256 differ)" in capsys.readouterr().err
+    with pytest.raises(UserError, match="holds a run with another configuration"):
+        run_lmeval(ModelConfig(name=str(tiny_dir)), [TASK], "magnitude", 0.5, "per_layer", False, 2, 2.0, None, None,
+                   [], str(data), str(cell), "cpu", 20, False, False)

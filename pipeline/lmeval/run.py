@@ -84,22 +84,54 @@ def check(model: ModelConfig, tasks: list[str], score: str, level: float, alloca
     return task_manager(tasks, include_path, data_dir)
 
 
-def check_task_data(tasks: list[str], manager) -> None:
-    """Build the tasks (reads their documents: the local data files of the shipped tasks)."""
+def check_task_data(tasks: list[str], manager, limit: float | None = None) -> str:
+    """Build the tasks (reads their documents: the local data files of the shipped tasks) and
+    return their content digest (``tasks_content_sha256``)."""
     from lm_eval.tasks import get_task_dict
 
     try:
-        get_task_dict(tasks, manager)
+        task_dict = get_task_dict(tasks, manager)
     except FileNotFoundError as error:  # a task's local data file (configs/lm_eval/tasks/utils.py)
         raise UserError(str(error).splitlines()[0]) from None
+    return tasks_content_sha256(task_dict, limit)
+
+
+def tasks_content_sha256(task_dict: dict, limit: float | None) -> str:
+    """SHA-256 of what the tasks make of a model's answers: each task's configuration as lm-eval
+    dumps it (prompt templates, metrics, filters, generation settings, and the source of the
+    task's Python functions) and the documents evaluated (the first ``limit``, as lm-eval takes
+    them). Paths (where the YAML or the data lives) are left out: the same tasks on the same
+    documents in another checkout are the same run; an edited prompt or data file is not."""
+    import math
+
+    digest = hashlib.sha256()
+
+    def add(tasks: dict) -> None:
+        for name, task in sorted(tasks.items(), key=lambda item: str(item[0])):
+            if isinstance(task, dict):  # a group: its subtasks
+                add(task)
+                continue
+            config = dict(task.dump_config())
+            config["metadata"] = {k: v for k, v in (config.get("metadata") or {}).items()
+                                  if k not in ("config_source", "data_dir")}
+            docs = list(task.eval_docs)
+            n = len(docs) if limit is None else int(math.ceil(len(docs) * limit)) if limit < 1 else int(limit)
+            digest.update(json.dumps([str(name), config], sort_keys=True, default=str).encode())
+            for doc in docs[:n]:
+                digest.update(json.dumps(doc, sort_keys=True, default=str).encode())
+
+    add(task_dict)
+    return digest.hexdigest()
 
 
 def run_config(model: ModelConfig, weights: str | None, tasks: list[str], score: str, level: float, allocation: str,
                dense_first_step: bool, batch_size: int, limit: float | None, num_fewshot: int | None,
-               gen_kwargs: str | None, data_dir: str | None, ig_steps: int, apply_chat_template: bool) -> dict:
+               gen_kwargs: str | None, data_dir: str | None, ig_steps: int, apply_chat_template: bool,
+               tasks_sha256: str | None = None) -> dict:
     """The configuration stored in ``run.json``; its fingerprint names and guards the run directory."""
     return {
-        "model": model.name, "weights": weights, "dtype": model.dtype, "tasks": sorted(tasks), "score": score,
+        "model": model.name, "weights": weights, "dtype": model.dtype, "tasks": sorted(tasks),
+        "tasks_content_sha256": tasks_sha256, "score": score,
         "level": level, "allocation": allocation, "dense_first_step": dense_first_step, "batch_size": batch_size,
         "limit": limit, "num_fewshot": num_fewshot, "gen_kwargs": gen_kwargs, "apply_chat_template": apply_chat_template,
         "ig_steps": ig_steps if score == "ig" else None,
@@ -112,7 +144,8 @@ def run_lmeval(model: ModelConfig, tasks: list[str], score: str, level: float, a
                gen_kwargs: str | None, include_path: list[str], data_dir: str | None, output_dir: str | None,
                device: str, ig_steps: int, apply_chat_template: bool, progress: bool) -> Path:
     manager = check(model, tasks, score, level, allocation, batch_size, limit, ig_steps, include_path, data_dir)
-    check_task_data(tasks, manager)  # a missing data file: one line before the model loads or anything is written
+    # a missing data file: one line before the model loads or anything is written
+    tasks_sha256 = check_task_data(tasks, manager, limit)
     from pipeline.lmeval.model import SparseActLM
 
     lm = SparseActLM(pretrained=model.name, score=score, level=level, allocation=allocation, dtype=model.dtype,
@@ -120,7 +153,7 @@ def run_lmeval(model: ModelConfig, tasks: list[str], score: str, level: float, a
                      revision=model.revision, trust_remote_code=model.trust_remote_code, cache_dir=model.cache_dir)
     lm.show_progress = progress
     config = run_config(model, lm.weights_id, tasks, score, level, allocation, dense_first_step, batch_size, limit,
-                        num_fewshot, gen_kwargs, data_dir, ig_steps, apply_chat_template)
+                        num_fewshot, gen_kwargs, data_dir, ig_steps, apply_chat_template, tasks_sha256)
     print_ = fingerprint(config)
     run_dir = Path(output_dir or Path("runs/lmeval") / lmeval_run_name(model.name, "", score, level, allocation,
                                                                        f"__{print_}"))
