@@ -62,9 +62,11 @@ class Packed:
         rep = lambda t: t.repeat(times, 1)  # noqa: E731
         per_copy = self.labels.numel()
         valid = torch.cat([self.valid + copy * per_copy for copy in range(times)])
+        kept = self.logits_kept and _logits_kept(int(self.positions.shape[1]), self.input_ids.shape[0] * times,
+                                                 self.input_ids.shape[1])  # more rows: fewer positions needed
         return replace(self, input_ids=rep(self.input_ids), attention_mask=rep(self.attention_mask),
                        position_ids=rep(self.position_ids), positions=rep(self.positions), labels=rep(self.labels),
-                       lengths=self.lengths * times, valid=valid)
+                       lengths=self.lengths * times, valid=valid, logits_kept=kept)
 
     def split(self) -> tuple[dict, "Packed"]:
         """Inputs of the positions before any label position, and the rest.
@@ -128,9 +130,15 @@ def pack(prompts: list[torch.Tensor], labels: list[torch.Tensor], padding_side: 
     packed = Packed(to(input_ids), to(attention_mask), to(position_ids(attention_mask)), to(positions), to(label_ids),
                     label_lengths.tolist(), to(valid))
     if padding_side == "left" and keep_argument is not None:
-        packed.logits_kept = min(max(T, -(-MIN_LOGIT_ROWS // B)), input_ids.shape[1])
+        packed.logits_kept = _logits_kept(T, B, input_ids.shape[1])
         packed.keep_argument = keep_argument
     return packed
+
+
+def _logits_kept(T: int, rows: int, width: int) -> int:
+    """Positions whose logits are kept: the T label positions, or more so that the LM head sees
+    ``MIN_LOGIT_ROWS`` rows of the batch, at most the whole width."""
+    return min(max(T, -(-MIN_LOGIT_ROWS // rows)), width)
 
 
 def _label_loss(logits: torch.Tensor, packed: Packed) -> torch.Tensor:
