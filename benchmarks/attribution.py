@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import arguments, load, machine, prompts_and_labels, record, timed  # noqa: E402
+from common import arguments, load, machine, matmul_rate, prompts_and_labels, record, timed  # noqa: E402
 
 from transformers import DynamicCache  # noqa: E402
 
@@ -215,11 +215,7 @@ def flop_rate(model, prompts, labels, seconds, args):
     lengths = [len(p) + len(y) - 1 for p, y in zip(prompts, labels)]
     padded = sum(len(lengths[i:i + args.batch_size]) * max(lengths[i:i + args.batch_size])
                  for i in range(0, len(lengths), args.batch_size))
-    a = torch.randn(8192, 8192, device=args.device, dtype=torch.bfloat16)
-    for _ in range(3):
-        a @ a
-    _, t = timed(lambda: [a @ a for _ in range(20)], args.device)
-    peak = 20 * 2 * 8192**3 / t
+    peak = matmul_rate()
     lines = []
     for name, tokens in (("padded batch", padded), ("real tokens", sum(lengths))):
         achieved = 3 * 2 * params * tokens / seconds

@@ -107,3 +107,34 @@ def record(title: str, lines: list[str], device, skip: bool) -> None:
 
 def dump(obj) -> str:
     return json.dumps(obj, indent=1)
+
+
+def matmul_rate() -> float | None:
+    """Measured bf16 matrix-product rate (FLOP/s) on random data, the limit speed figures are
+    compared with; None on a CPU."""
+    if not torch.cuda.is_available():
+        return None
+    a, b = (torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(10):
+        a @ b
+    torch.cuda.synchronize()
+    return 10 * 2 * 8192**3 / (time.perf_counter() - start)
+
+
+def make_model(config_dir: str, tokenizer_dir: str, target: Path, dtype: str = "bfloat16") -> None:
+    """A randomly initialised model of ``config_dir``'s shape saved with a tokenizer at ``target``
+    (once: an existing one is kept), made on the GPU where there is one."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    if (target / "config.json").exists():
+        return
+    torch.manual_seed(0)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(config_dir), dtype=getattr(torch, dtype))
+    model.save_pretrained(target)
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(target)
+    del model

@@ -38,7 +38,7 @@ import torch  # noqa: E402
 from torch.nn.attention import SDPBackend  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, record  # noqa: E402
+from common import machine, make_model, matmul_rate, record  # noqa: E402
 
 import pipeline.protocol as protocol_module  # noqa: E402
 import pipeline.runner.callbacks as callbacks_module  # noqa: E402
@@ -185,34 +185,6 @@ class GpuBusy:
     def fraction(self, start, end) -> float | None:
         inside = [u for t, u in self.samples if start <= t <= end]
         return sum(inside) / len(inside) / 100 if inside else None
-
-
-def matmul_rate() -> float | None:
-    """Measured bf16 matrix-product rate (FLOP/s) on random data; None on a CPU."""
-    if not torch.cuda.is_available():
-        return None
-    a, b = (torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-    for _ in range(3):
-        a @ b
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(10):
-        a @ b
-    torch.cuda.synchronize()
-    return 10 * 2 * 8192**3 / (time.perf_counter() - start)
-
-
-def make_model(config_dir: str, tokenizer_dir: str, target: Path, dtype: str) -> None:
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    if (target / "config.json").exists():
-        return
-    torch.manual_seed(0)
-    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(config_dir), dtype=getattr(torch, dtype))
-    model.save_pretrained(target)
-    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(target)
-    del model
 
 
 def set_levers(off: set[str]) -> dict:

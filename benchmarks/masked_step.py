@@ -15,14 +15,19 @@ the same kernels without the host in between).
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import torch
 from torch.nn.attention import SDPBackend
 
-import pipeline.decoding.cuda_graph as cuda_graph
-from pipeline.hooks import UnitHooks
-from pipeline.models.adapters import layout_for
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import matmul_rate  # noqa: E402
+
+import pipeline.decoding.cuda_graph as cuda_graph  # noqa: E402
+from pipeline.hooks import UnitHooks  # noqa: E402
+from pipeline.models.adapters import layout_for  # noqa: E402
 
 BACKENDS = {
     "all": None,  # the default: every kernel, in PyTorch's order of preference
@@ -34,17 +39,10 @@ BACKENDS = {
 
 def rates() -> tuple[float, float]:
     """(bf16 matmul FLOP/s, device copy bytes/s), measured."""
-    a, b = (torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    flops = matmul_rate()
     x, y = (torch.empty(2**30, device="cuda", dtype=torch.uint8) for _ in range(2))
-    for _ in range(3):
-        a @ b
-        x.copy_(y)
+    x.copy_(y)
     torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(10):
-        a @ b
-    torch.cuda.synchronize()
-    flops = 10 * 2 * 8192**3 / (time.perf_counter() - start)
     start = time.perf_counter()
     for _ in range(10):
         x.copy_(y)

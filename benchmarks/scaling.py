@@ -17,22 +17,8 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import record  # noqa: E402
-
-
-def make_model(config_dir: str, tokenizer_dir: str, target: Path) -> None:
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    if (target / "config.json").exists():
-        return
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(config_dir), dtype=torch.bfloat16)
-    model.save_pretrained(target)
-    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(target)
+from common import make_model, record  # noqa: E402
 
 
 def evaluate(model: Path, args, gpus: int, out: Path, launcher_name: str = "lightning") -> tuple[float, float]:

@@ -69,20 +69,11 @@ class DecodedBatch:
         return EvaluatedBatch(records=records, scores={k: v for k, v in self.scores.items() if k not in skip})
 
 
-def evaluate_batch(
-    model,
-    tokenizer,
-    layout: UnitLayout,
-    samples: list[Sample],
-    template: str,
-    protocol: ProtocolConfig,
-    task: str,
-    stop_ids: list[int],
-    thresholds: dict | None = None,
-    layer_levels: dict | None = None,
-    hooks: UnitHooks | None = None,
-) -> EvaluatedBatch:
-    """All (metric, allocation, level) records of a batch of samples (and their raw scores if configured).
+def decode_batch(model, tokenizer, layout: UnitLayout, samples: list[Sample], template: str,
+                 protocol: ProtocolConfig, stop_ids: list[int], thresholds: dict | None = None,
+                 layer_levels: dict | None = None, hooks: UnitHooks | None = None) -> DecodedBatch:
+    """A batch's device work: labels, scores, masks, masked decoding, row numbers; its
+    ``finish`` builds the records (host work).
 
     ``thresholds`` are the calibrated per-layer magnitude thresholds of the ``static`` metric;
     ``layer_levels`` ``{metric: [levels, layers]}`` the calibrated allocation's per-layer levels.
@@ -94,15 +85,6 @@ def evaluate_batch(
     own sample's dense run (the prompt and the steps before any unit is off), so a
     masked row and its dense run share exactly the same prompt computation.
     """
-    decoded = decode_batch(model, tokenizer, layout, samples, template, protocol, stop_ids, thresholds, layer_levels,
-                           hooks)
-    return decoded.finish(tokenizer, protocol, task)
-
-
-def decode_batch(model, tokenizer, layout: UnitLayout, samples: list[Sample], template: str,
-                 protocol: ProtocolConfig, stop_ids: list[int], thresholds: dict | None = None,
-                 layer_levels: dict | None = None, hooks: UnitHooks | None = None) -> DecodedBatch:
-    """The device work of ``evaluate_batch``: labels, scores, masks, masked decoding, row numbers."""
     prompts = [torch.tensor(prompt_ids(tokenizer, template, s.question)) for s in samples]
 
     # Labels: what the dense model says (docs/protocol.md §3).
@@ -164,7 +146,8 @@ def _row_stats(layout, head_keep: torch.Tensor, neuron_keep: torch.Tensor, outpu
     Computed where the masks are (counts, not the masks, come to the CPU).
     """
     device = head_keep.device
-    steps = torch.tensor([max(1, len(tokens)) for tokens in outputs], device=device)
+    lengths = [max(1, len(tokens)) for tokens in outputs]
+    steps = torch.tensor(lengths, device=device)
     rows = torch.arange(len(outputs), device=device)
 
     def kept(keep: torch.Tensor) -> torch.Tensor:  # [rows, layers]: kept units over the first n steps / (n x units)
@@ -172,7 +155,7 @@ def _row_stats(layout, head_keep: torch.Tensor, neuron_keep: torch.Tensor, outpu
         return (counts.float() / (steps * keep.shape[-1]).float()[:, None]).cpu()
 
     variants = [(v, p) for v in protocol.variants() for p in protocol.levels]
-    overlaps = oracle_overlap(head_keep, neuron_keep, variants, steps.tolist())
+    overlaps = oracle_overlap(head_keep, neuron_keep, variants, lengths)
     return RowStats(achieved_sparsity(head_keep, neuron_keep, layout).cpu(), kept(head_keep), kept(neuron_keep),
                     overlaps)
 
@@ -220,10 +203,18 @@ def _records(tokenizer, sample, dense, stats: RowStats, outputs, protocol, task)
 def mask_iou(keep: torch.Tensor, other: torch.Tensor) -> float | None:
     """IoU of the switched-off sets of two keep masks ``[T, layers, units]``, per (token, layer),
     averaged over the (token, layer) pairs where either switches something off (None if none does)."""
+    return _iou_value(_iou_tensor(keep, other).item())
+
+
+def _iou_tensor(keep: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """``mask_iou`` left on the device: a 0-d tensor, NaN where neither mask switches anything off."""
     off, other_off = ~keep, ~other
     union = (off | other_off).sum(-1)
     valid = union > 0
-    iou = ((off & other_off).sum(-1)[valid] / union[valid]).mean().item()  # one wait for the device; NaN if none
+    return ((off & other_off).sum(-1)[valid] / union[valid]).mean()
+
+
+def _iou_value(iou: float) -> float | None:
     return None if math.isnan(iou) else round(iou, 4)
 
 
@@ -236,17 +227,20 @@ def oracle_overlap(head_keep, neuron_keep, rows, steps) -> list[dict | None]:
     Done here because all masks of a sample are in memory (a few boolean ops per pair); records
     keep only per-layer kept fractions, and recomputing masks from saved raw scores would need
     ``save_scores`` (large files) and a second copy of the allocation step (calibrated levels,
-    static thresholds, dense first step).
+    static thresholds, dense first step). All pairs of the sample come to the host at once.
     """
     index = {(series_name(*variant), level): i for i, (variant, level) in enumerate(rows) if variant[0] == ORACLE}
-    found: list[dict | None] = []
+    pairs = []  # (row, oracle series, heads IoU, neurons IoU), the IoUs still on the device
     for i, ((metric, allocation, normalize), level) in enumerate(rows):
         reference = iou_reference(allocation, normalize)
         j = index.get((reference, level))
-        if j is None or not SCORES[metric].label_free:
-            found.append(None)
-            continue
-        n = steps[i]
-        found.append({reference: {"heads": mask_iou(head_keep[i, :n], head_keep[j, :n]),
-                                  "neurons": mask_iou(neuron_keep[i, :n], neuron_keep[j, :n])}})
+        if j is not None and SCORES[metric].label_free:
+            n = steps[i]
+            pairs.append((i, reference, _iou_tensor(head_keep[i, :n], head_keep[j, :n]),
+                          _iou_tensor(neuron_keep[i, :n], neuron_keep[j, :n])))
+    found: list[dict | None] = [None] * len(rows)
+    if pairs:
+        values = torch.stack([t for _, _, h, n in pairs for t in (h, n)]).tolist()  # one wait for the device
+        for k, (i, reference, _, _) in enumerate(pairs):
+            found[i] = {reference: {"heads": _iou_value(values[2 * k]), "neurons": _iou_value(values[2 * k + 1])}}
     return found

@@ -120,7 +120,7 @@ def lmeval_cells(models: list[ModelConfig], sections: list[LmEvalCells], root: P
                 grid.append((name, dict(
                     model=model, tasks=list(section.tasks), score=score, level=level, allocation=section.allocation,
                     dense_first_step=section.dense_first_step, batch_size=section.batch_size,
-                    limit=None if section.limit is None else float(section.limit),  # as sparseact lmeval parses it
+                    limit=section.limit,
                     num_fewshot=section.num_fewshot, gen_kwargs=section.gen_kwargs,
                     include_path=list(section.include_path), data_dir=section.data_dir,
                     output_dir=str(root / name), device=section.device, ig_steps=section.ig_steps,
@@ -138,7 +138,7 @@ def check_lmeval_cells(models: list[ModelConfig], sections: list[LmEvalCells],
     another configuration...) before any cell runs: one ``UserError``."""
     import json
 
-    from pipeline.lmeval.run import check, check_task_data, run_config
+    from pipeline.lmeval.run import check_arguments, check_task_data, run_config, task_manager
 
     if not models:
         raise UserError("no models given")
@@ -150,27 +150,21 @@ def check_lmeval_cells(models: list[ModelConfig], sections: list[LmEvalCells],
             raise UserError(f"lmeval section {section.name}: no levels given")
         if not section.scores and any(level != 0 for level in section.levels):
             raise UserError(f"lmeval section {section.name}: no scores given for levels above 0")
-    checked, digests = set(), {}
+    digests = {}  # (tasks, include_path, data_dir, limit): the tasks' content, built once per task set
     for name, cell in grid:
-        key = (cell["model"].dtype, cell["score"], cell["level"], cell["allocation"], cell["batch_size"], cell["limit"],
-               cell["ig_steps"], tuple(cell["tasks"]), tuple(cell["include_path"]), cell["data_dir"])
-        if key not in checked:
-            checked.add(key)
-            manager = check(cell["model"], cell["tasks"], cell["score"], cell["level"], cell["allocation"],
-                            cell["batch_size"], cell["limit"], cell["ig_steps"], cell["include_path"],
-                            cell["data_dir"])
-            documents = (*key[-3:], cell["limit"])
-            if documents not in digests:
-                digests[documents] = check_task_data(cell["tasks"], manager, cell["limit"])
+        check_arguments(cell["model"], cell["tasks"], cell["score"], cell["level"], cell["allocation"],
+                        cell["batch_size"], cell["limit"], cell["ig_steps"])
+        documents = (tuple(cell["tasks"]), tuple(cell["include_path"]), cell["data_dir"], cell["limit"])
+        if documents not in digests:
+            manager = task_manager(cell["tasks"], cell["include_path"], cell["data_dir"])
+            digests[documents] = check_task_data(cell["tasks"], manager, cell["limit"])
         stored = Path(cell["output_dir"]) / "run.json"
         if stored.exists():  # a cell started before: same configuration, or refused now rather than mid-sweep
             previous = json.loads(stored.read_text()).get("config", {})
             wanted = run_config(cell["model"], previous.get("weights"), cell["tasks"], cell["score"], cell["level"],
                                 cell["allocation"], cell["dense_first_step"], cell["batch_size"], cell["limit"],
                                 cell["num_fewshot"], cell["gen_kwargs"], cell["data_dir"], cell["ig_steps"],
-                                cell["apply_chat_template"],
-                                digests[(tuple(cell["tasks"]), tuple(cell["include_path"]), cell["data_dir"],
-                                         cell["limit"])])
+                                cell["apply_chat_template"], digests[documents])
             if previous != wanted:
                 changed = sorted(k for k in set(previous) | set(wanted) if previous.get(k) != wanted.get(k))
                 raise UserError(f"{stored.parent} holds an lm-eval run with another configuration "

@@ -46,19 +46,20 @@ def main() -> None:
             gpu = " (GPU)" if row["where"] == "paper_ig" else ""
             print(f"| {model} | {dataset} | {metric}{gpu} | {row['samples']} | {fmt(*row['headline'])} | {at_half} |")
     # scores x allocations (README "How sparse can these SLMs get?"): the report's matrix and headroom table
-    if any((ROOT / "allocation").glob("*/run.json")):
+    allocation = [RunData(run_dir) for run_dir in find_runs([str(ROOT / "allocation")])]  # loaded once, used twice
+    if allocation:
         print()
-        print(text_report([str(ROOT / "allocation")]))
+        print(text_report(allocation))
     if any((ROOT / "lm_eval" / "runs").rglob("run.json")):
         print()
-        lm_eval_table()
+        lm_eval_table(allocation)
 
 
-def lm_eval_table() -> None:
+def lm_eval_table(allocation: list[RunData]) -> None:
     """README "lm-eval results": TruthfulQA MC1/MC2 accuracy (lm-eval, first 200 questions) and the
     agreement of the MC1 choice with the dense model's, next to the BLEU of the generated answer
     against the dense one (``sparseact run``, per_layer, first 100 questions) for the same model,
-    score and level; then GSM8K (first 50) exact match next to the BLEU of lm-eval's own
+    score and level (``allocation``: the loaded results/allocation runs); then GSM8K (first 50) exact match next to the BLEU of lm-eval's own
     generations against the dense model's."""
     import importlib.util
 
@@ -66,7 +67,7 @@ def lm_eval_table() -> None:
     summarize = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(summarize)
     cells = summarize.collect(ROOT / "lm_eval" / "runs")
-    generation = {run.model: run for run in map(RunData, find_runs([str(ROOT / "allocation")]))}
+    generation = {run.model: run for run in allocation}
     print("| model | score | p | MC1 acc [95%] | MC2 acc [95%] | MC1 same choice as dense [95%] "
           "| BLEU vs dense, generated answers [95%] |")
     print("|---|---|---|---|---|---|---|")

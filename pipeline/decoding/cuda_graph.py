@@ -141,6 +141,17 @@ class CapturedDecoder:
         return tokens
 
 
+def cached_kv(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer ``(keys, values)`` of a filled cache; empty for a one-token prompt (nothing cached)."""
+    return [(layer.keys, layer.values) for layer in cache.layers
+            if getattr(layer, "keys", None) is not None and layer.keys.numel()]
+
+
+def padded_capacity(positions: int) -> int:
+    """Static cache length of a padded decoder: ``positions`` rounded up to a multiple of 64."""
+    return -(-positions // 64) * 64
+
+
 def graphs_enabled(model) -> bool:
     """Whether decoding steps of ``model`` are captured: on CUDA, until a capture has failed."""
     return next(model.parameters()).device.type == "cuda" and not getattr(model, "_sparseact_no_graphs", False)
@@ -152,8 +163,7 @@ def decode_captured(model, prefix, first_input, rows: int, steps: int, eos, head
     if not graphs_enabled(model):
         return None
     masked = heads is not None
-    kv = [(layer.keys, layer.values) for layer in prefix.layers if getattr(layer, "keys", None) is not None
-          and layer.keys.numel()]  # batch 1; empty for a one-token prompt
+    kv = cached_kv(prefix)  # batch 1
     positions = prefix.get_seq_length() + steps
     decoders = model.__dict__.setdefault("_sparseact_decoders", {})
     decoder = decoders.get((rows, masked))
@@ -203,7 +213,7 @@ def decode_captured_padded(model, kv, prefix_mask: torch.Tensor, positions: torc
         return None
     rows, width = first_input.shape[0], prefix_mask.shape[1]
     masked = heads is not None
-    capacity = -(-(width + steps) // 64) * 64
+    capacity = padded_capacity(width + steps)
     decoders = model.__dict__.setdefault("_sparseact_decoders", {})
     key = ("padded", rows, masked, capacity)
     try:

@@ -31,9 +31,11 @@ from transformers import DynamicCache
 
 from pipeline.decoding.cuda_graph import (
     CHECK_EVERY,
+    cached_kv,
     decode_captured,
     decode_captured_padded,
     graphs_enabled,
+    padded_capacity,
     padded_graphs_enabled,
 )
 from pipeline.hooks import StepMasks, UnitHooks, using_hooks
@@ -194,9 +196,7 @@ def dense_generate_batch(model, prompts: list[torch.Tensor], max_new_tokens: lis
         model(input_ids=ids[:, :-1], **with_cache(model, cache), **extra)
     captured = None
     if DENSE_GRAPHS and padded_graphs_enabled(model):
-        kv = [(layer.keys, layer.values) for layer in cache.layers if getattr(layer, "keys", None) is not None
-              and layer.keys.numel()]
-        captured = decode_captured_padded(model, kv, mask[:, :-1], mask.sum(1) - 1, ids[:, -1:],
+        captured = decode_captured_padded(model, cached_kv(cache), mask[:, :-1], mask.sum(1) - 1, ids[:, -1:],
                                           max(max_new_tokens), eos)
     if captured is not None:  # the static cache is reused by the next call: each run keeps a copy
         tokens, cache = captured
@@ -338,7 +338,7 @@ def _group_rows(model, items: list[_MaskedWork]) -> int:
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     per_position = 2 * config.num_hidden_layers * heads * head_dim * next(model.parameters()).element_size()
     positions = max(len(w.dense.prompt_ids) + len(w.dense.tokens) for w in items)
-    capacity = -(-positions // 64) * 64
+    capacity = padded_capacity(positions)
     budget = GROUP_KV_BYTES
     if torch.cuda.is_available():
         budget = min(budget, torch.cuda.mem_get_info()[0] // 4)

@@ -20,21 +20,17 @@ from pipeline.errors import UserError
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        import lm_eval  # noqa: F401
-    except ImportError:
-        print("sparseact: error: lm-eval is not installed: pip install -e '.[lmeval]'", file=sys.stderr)
-        sys.exit(2)
-    import pipeline.lmeval.model  # noqa: F401  (registers "sparseact")
-    from lm_eval.__main__ import cli_evaluate
+    from pipeline.lmeval.run import TASKS_DIR, _require_lm_eval
 
-    from pipeline.lmeval.run import TASKS_DIR
-
-    if not any(a == "--include_path" or a.startswith("--include_path=") for a in argv) and \
-            (not argv or argv[0] not in ("-h", "--help")):
-        argv += ["--include_path", str(TASKS_DIR)]
-    sys.argv = ["lm-eval", *argv]
     try:
+        _require_lm_eval()
+        import pipeline.lmeval.model  # noqa: F401  (registers "sparseact")
+        from lm_eval.__main__ import cli_evaluate
+
+        if not any(a == "--include_path" or a.startswith("--include_path=") for a in argv) and \
+                (not argv or argv[0] not in ("-h", "--help")):
+            argv += ["--include_path", str(TASKS_DIR)]
+        sys.argv = ["lm-eval", *argv]
         cli_evaluate()
     except UserError as error:
         print(f"sparseact: error: {error}", file=sys.stderr)

@@ -42,7 +42,7 @@ MODEL_ARGS = ("pretrained", "score", "level", "allocation", "dtype", "batch_size
               "device", "revision", "trust_remote_code", "cache_dir", "tokenizer", "max_length", "max_batch_size")
 
 
-def check_args(score: str, level: float, allocation: str, dtype: str, batch_size) -> None:
+def check_args(score: str, level: float, allocation: str, dtype: str, batch_size, ig_steps=20) -> None:
     """Turn impossible model arguments into one clear ``UserError``."""
     if score == "static":
         raise UserError("score 'static' needs per-layer thresholds calibrated on held-out rows; "
@@ -57,6 +57,8 @@ def check_args(score: str, level: float, allocation: str, dtype: str, batch_size
         raise UserError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise UserError(f"batch_size must be an integer >= 1 (no 'auto'), got {batch_size!r}")
+    if isinstance(ig_steps, bool) or not isinstance(ig_steps, int) or ig_steps < 1:
+        raise UserError(f"ig_steps must be an integer >= 1, got {ig_steps!r}")
 
 
 class PositionMasks:
@@ -100,12 +102,9 @@ class SparseActLM(HFLM):
         if unknown:
             raise UserError(f"unknown model_args key(s) {', '.join(sorted(unknown))}; "
                             f"the sparseact model takes {', '.join(MODEL_ARGS)}")
-        if isinstance(batch_size, str) and batch_size.isdigit():
-            batch_size = int(batch_size)
+        batch_size, ig_steps = (int(v) if isinstance(v, str) and v.isdigit() else v for v in (batch_size, ig_steps))
         level = float(level) if isinstance(level, int) and not isinstance(level, bool) else level
-        check_args(score, level, allocation, dtype, batch_size)
-        if int(ig_steps) < 1:
-            raise UserError(f"ig_steps must be >= 1, got {ig_steps}")
+        check_args(score, level, allocation, dtype, batch_size, ig_steps)
         accelerator = None
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # accelerate launch: lm-eval's data-parallel mode
             from accelerate import Accelerator

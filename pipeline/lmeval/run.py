@@ -28,7 +28,7 @@ from pathlib import Path
 from pipeline.config import ModelConfig
 from pipeline.data.sources import lmeval_run_name
 from pipeline.errors import UserError
-from pipeline.results.store import atomic_write_text
+from pipeline.results.store import atomic_write_text, fingerprint
 
 TASKS_DIR = Path(__file__).resolve().parents[2] / "configs" / "lm_eval" / "tasks"
 
@@ -61,27 +61,27 @@ def task_manager(tasks: list[str], include_path: list[str], data_dir: str | None
     return manager
 
 
-def fingerprint(config: dict) -> str:
-    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
-
-
 def check(model: ModelConfig, tasks: list[str], score: str, level: float, allocation: str, batch_size: int,
           limit: float | None, ig_steps: int, include_path: list[str], data_dir: str | None):
     """Everything about one run that can be refused before its model is loaded (one ``UserError``);
     returns lm-eval's TaskManager for its tasks."""
+    check_arguments(model, tasks, score, level, allocation, batch_size, limit, ig_steps)
+    return task_manager(tasks, include_path, data_dir)
+
+
+def check_arguments(model: ModelConfig, tasks: list[str], score: str, level: float, allocation: str, batch_size: int,
+                    limit: float | None, ig_steps: int) -> None:
+    """``check`` without the tasks' index: the arguments alone."""
     _require_lm_eval()
     from pipeline.lmeval.model import check_args
 
-    check_args(score, level, allocation, model.dtype, batch_size)
+    check_args(score, level, allocation, model.dtype, batch_size, ig_steps)
     if not tasks:
         raise UserError("no tasks given")
     if limit is not None and limit <= 0:
         raise UserError(f"limit must be > 0, got {limit}")
-    if isinstance(ig_steps, bool) or not isinstance(ig_steps, int) or ig_steps < 1:
-        raise UserError(f"ig_steps must be an integer >= 1, got {ig_steps!r}")
     for name in ("lm_eval", "lm-eval"):
         logging.getLogger(name).setLevel(logging.ERROR)  # lm-eval's INFO/WARNING chatter; errors still show
-    return task_manager(tasks, include_path, data_dir)
 
 
 def check_task_data(tasks: list[str], manager, limit: float | None = None) -> str:
@@ -133,7 +133,7 @@ def run_config(model: ModelConfig, weights: str | None, tasks: list[str], score:
         "model": model.name, "weights": weights, "dtype": model.dtype, "tasks": sorted(tasks),
         "tasks_content_sha256": tasks_sha256, "score": score,
         "level": level, "allocation": allocation, "dense_first_step": dense_first_step, "batch_size": batch_size,
-        "limit": limit, "num_fewshot": num_fewshot, "gen_kwargs": gen_kwargs, "apply_chat_template": apply_chat_template,
+        "limit": None if limit is None else float(limit), "num_fewshot": num_fewshot, "gen_kwargs": gen_kwargs, "apply_chat_template": apply_chat_template,
         "ig_steps": ig_steps if score == "ig" else None,
         "data_dir": str(Path(data_dir).resolve()) if data_dir else None,
     }
@@ -154,7 +154,7 @@ def run_lmeval(model: ModelConfig, tasks: list[str], score: str, level: float, a
     lm.show_progress = progress
     config = run_config(model, lm.weights_id, tasks, score, level, allocation, dense_first_step, batch_size, limit,
                         num_fewshot, gen_kwargs, data_dir, ig_steps, apply_chat_template, tasks_sha256)
-    print_ = fingerprint(config)
+    print_ = fingerprint(config)[:12]  # shorter than a sparseact run's: it also names the directory
     run_dir = Path(output_dir or Path("runs/lmeval") / lmeval_run_name(model.name, "", score, level, allocation,
                                                                        f"__{print_}"))
     stored = run_dir / "run.json"

@@ -99,8 +99,3 @@ class RunLevels:
         if write and not path.exists():
             atomic_write_text(path, json.dumps(document, indent=1) + "\n")
         return {m: layer_levels(document, m, self.layout, self.protocol.levels) for m in self.metrics}
-
-
-def levels_for_run(protocol, layout: UnitLayout) -> RunLevels:
-    """Checks a given levels file against the model now, before the run writes anything."""
-    return RunLevels(protocol, layout)

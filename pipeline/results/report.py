@@ -493,9 +493,8 @@ def _text_table(header: list[str], rows: list[list[str]]) -> list[str]:
     return [line(header), line(["-" * w for w in widths])] + [line(r) for r in rows]
 
 
-def text_report(paths: list[str]) -> str:
-    """The matrix and headroom numbers as plain text (what the README quotes)."""
-    runs = [RunData(p) for p in find_runs(paths)]
+def text_report(runs: list[RunData]) -> str:
+    """The matrix and headroom numbers of loaded runs as plain text (what the README quotes)."""
     cells = collect_cells(runs)
     lines = [f"Max achieved sparsity within {LOSS_LABEL} BLEU loss [95% bootstrap interval over samples];"
              " * marks the best of a row"]
@@ -663,7 +662,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output", help="where report.html goes (without --print)")
     args = parser.parse_args(argv)
     if args.print:
-        print(text_report(args.runs))
+        print(text_report([RunData(p) for p in find_runs(args.runs)]))
     else:
         write_report(args.runs, args.output)
 

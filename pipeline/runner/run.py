@@ -20,7 +20,7 @@ from pipeline.data.datamodule import SampleDataModule
 from pipeline.data.sources import Sample, content_digest, dataset_name, load_samples, run_name
 from pipeline.errors import UserError
 from pipeline.models.adapters import layout_for
-from pipeline.masks.levels_file import levels_for_run
+from pipeline.masks.levels_file import RunLevels
 from pipeline.masks.static import calibrate
 from pipeline.models.loading import LoadedModel, load_model
 from pipeline.models.prompts import answer_length, prompt_ids, resolve_template, stop_token_ids
@@ -121,7 +121,7 @@ def evaluate(
     template = resolve_template(model.template, loaded.tokenizer)
     # what the static thresholds and the calibrated allocation read, checked before anything is written
     calibration = calibration_samples(data, samples, protocol.calibration_samples) if protocol.needs_calibration_rows() else []
-    levels = levels_for_run(protocol, layout)  # a given levels file must fit the model
+    levels = RunLevels(protocol, layout)  # a given levels file must fit the model: checked now, before any write
     check_context(loaded, template, samples + calibration, protocol)
     device = device_type(run)
     batch_size = run.batch_size or (64 if device == "cuda" else 4)

@@ -100,7 +100,7 @@ def cor_gxo_neurons(t: Terms) -> torch.Tensor:
 
 
 def wina_neurons(t: Terms) -> torch.Tensor:
-    return t.abs_x * t.weights.to(t.x.dtype)  # wina_neuron_scores, sharing |x| with the other scores
+    return t.abs_x * t.weights.to(t.x.dtype)  # WINA for neurons: |x_i| * ||W_down[:, i]||, sharing |x|
 
 
 def wina_head_scores(x: torch.Tensor, head_weights: torch.Tensor) -> torch.Tensor:
@@ -110,8 +110,3 @@ def wina_head_scores(x: torch.Tensor, head_weights: torch.Tensor) -> torch.Tenso
     (the output projection's columns grouped by head).
     """
     return torch.einsum("...lhd,lehd->...lhe", x, head_weights.to(x.dtype)).norm(dim=-1)
-
-
-def wina_neuron_scores(x: torch.Tensor, column_norms: torch.Tensor) -> torch.Tensor:
-    """WINA for neurons: ``|x_i| * ||W_down[:, i]||_2``; ``column_norms`` ``[layers, neurons]``."""
-    return x.abs() * column_norms.to(x.dtype)
