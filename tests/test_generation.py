@@ -101,9 +101,10 @@ def test_batched_samples_equal_recomputation(arch):
 def test_padded_captured_steps_equal_eager_decoding(arch, monkeypatch):
     """The GPU path, run on the CPU with each captured step called instead of replayed: dense runs
     as one padded batch through a static cache, then the masked rows of several samples in
-    groups padded to one row count, give the tokens (and dense caches) of the eager loops."""
+    shared-prefix groups of one shape, give the tokens (and dense caches) of the eager loops."""
     import pipeline.decoding.cuda_graph as cuda_graph
     import pipeline.decoding.generation as generation
+    import pipeline.decoding.shared_prefix as shared_prefix
 
     model = tiny_model(arch)
     model.set_attn_implementation("sdpa")
@@ -130,9 +131,13 @@ def test_padded_captured_steps_equal_eager_decoding(arch, monkeypatch):
     def capture(self, kv, first_input, heads, neurons, hooks, prefix_mask=None, positions=None):
         self.graph = Called(self, hooks)
 
+    def capture_shared(self, prefixes, first_input, positions, heads, neurons, hooks):
+        self.graph = Called(self, hooks)
+
     monkeypatch.setattr(cuda_graph, "graphs_enabled", lambda model: True)
     monkeypatch.setattr(cuda_graph.CapturedDecoder, "_capture", capture)
-    monkeypatch.setattr(generation, "GROUP_MAX_ROWS", 5)  # one sample per group, padded to 5 rows
+    monkeypatch.setattr(shared_prefix.SharedPrefixDecoder, "_capture", capture_shared)
+    monkeypatch.setattr(generation, "GROUP_MAX_ROWS", 8)  # two samples of 4 rows per group: one group half empty
     dense = generation.dense_generate_batch(model, prompts, limits, [])
     assert [d.tokens for d in dense] == [d.tokens for d in expected_dense]
     for got, want in zip(dense, expected_dense):
@@ -141,7 +146,33 @@ def test_padded_captured_steps_equal_eager_decoding(arch, monkeypatch):
             torch.testing.assert_close(a.values, b.values)
     assert any(key[0] == "padded" for key in model._sparseact_decoders)
     assert generation.masked_after_dense_batch(model, dense, heads, neurons, []) == expected
-    assert sum(key[0] == "padded" and key[2] for key in model._sparseact_decoders) == 1  # one shape for all groups
+    assert sum(key[0] == "shared" for key in model._sparseact_decoders) == 1  # one shape for all groups
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("arch", ["llama", "phi"])
+def test_captured_shared_prefix_groups_equal_eager_decoding_on_cuda(arch):
+    """On a GPU, in fp32: the masked rows of many samples through the captured shared-prefix
+    step give the tokens of the eager loop (the same dense runs and masks)."""
+    import pipeline.decoding.generation as generation
+
+    model = tiny_model(arch, dtype=torch.float32).cuda()
+    model.set_attn_implementation("sdpa")
+    layout = layout_for(model)
+    torch.manual_seed(5)
+    prompts = [torch.randint(3, 90, (n,)) for n in (5, 2, 9, 1, 7, 4)]
+    dense = generation.dense_generate_batch(model, prompts, [6, 3, 8, 5, 7, 2], [])
+    heads = [torch.rand(5, len(d.tokens), layout.num_layers, layout.num_heads) > 0.3 for d in dense]
+    neurons = [torch.rand(5, len(d.tokens), layout.num_layers, layout.num_neurons) > 0.4 for d in dense]
+    for h, n in zip(heads, neurons):
+        h[0], n[0] = True, True
+    model._sparseact_no_graphs = True
+    expected = generation.masked_after_dense_batch(model, dense, heads, neurons, [])
+    del model._sparseact_no_graphs
+    got = generation.masked_after_dense_batch(model, dense, heads, neurons, [])
+    assert any(key[0] == "shared" for key in model._sparseact_decoders), "the captured path was not taken"
+    assert got == expected
+    assert any(row != d.tokens for rows, d in zip(got, dense) for row in rows)
 
 
 def test_out_of_memory_halves_with_the_failed_attempt_freed(monkeypatch):

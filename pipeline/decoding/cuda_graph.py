@@ -12,11 +12,12 @@ keeps Python-side state a graph cannot replay); anything that fails to capture f
 back to the ordinary loop with one warning. A captured step is kept per (rows,
 masked) and re-captured only when a longer cache is needed.
 
-Rows with different prefixes (a batch of dense runs, or the masked rows of several
-samples) decode through a *padded* step (``decode_captured_padded``): each row's
-prefix is left-padded into the static cache, and the step reads a 4-D boolean
-attention mask and per-row position ids from fixed buffers that the graph itself
-advances, so the padding never enters attention.
+Rows with different prefixes (a batch of dense runs) decode through a *padded* step
+(``decode_captured_padded``): each row's prefix is left-padded into the static cache,
+and the step reads a 4-D boolean attention mask and per-row position ids from fixed
+buffers that the graph itself advances, so the padding never enters attention. The
+masked rows of many samples have a step of their own (``shared_prefix.py``), captured
+and replayed by ``capture`` and ``replay_steps`` below.
 """
 
 from __future__ import annotations
@@ -103,25 +104,11 @@ class CapturedDecoder:
         # masked decoding took 8.5 s with it and 11.6-12.3 s without (Phi-2 shape, 256 questions, H200).
         from torch.nn.attention import sdpa_kernel
 
+        if self.masks is not None:
+            self.masks.load(heads[:, 0], neurons[:, 0])
         with sdpa_kernel(CAPTURE_BACKENDS):  # enabled, in PyTorch's own order of preference
-            self._capture_step(kv, first_input, heads, neurons, hooks, prefix_mask, positions)
-
-    def _capture_step(self, kv, first_input, heads, neurons, hooks, prefix_mask=None, positions=None) -> None:
-        global _POOL
-        # Warm up on a side stream (library handles, workspaces), as CUDA graph capture requires.
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            if self.masks is not None:
-                self.masks.load(heads[:, 0], neurons[:, 0])
-            self._step(hooks)
-        torch.cuda.current_stream().wait_stream(stream)
-        self._start(kv, first_input, prefix_mask, positions)  # the warm-up step wrote into the cache
-        _POOL = _POOL or torch.cuda.graph_pool_handle()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=_POOL):
-            self._step(hooks)
-        self.graph = graph
+            self.graph = capture(lambda: self._step(hooks),
+                                 lambda: self._start(kv, first_input, prefix_mask, positions))  # undo the warm-up
 
     def decode(self, kv, first_input, steps: int, eos: torch.Tensor, heads=None, neurons=None,
                hooks: UnitHooks | None = None, prefix_mask=None, positions=None) -> torch.Tensor:
@@ -130,15 +117,44 @@ class CapturedDecoder:
         self._start(kv, first_input, prefix_mask, positions)
         if self.graph is None:
             self._capture(kv, first_input, heads, neurons, hooks, prefix_mask, positions)
-        tokens = torch.zeros(self.rows, steps, dtype=torch.long, device=self.input_ids.device)
-        for step in range(steps):
-            if self.masks is not None:
-                self.masks.load(heads[:, step], neurons[:, step])
-            self.graph.replay()
-            tokens[:, step] = self.next_token
-            if len(eos) and (step + 1) % CHECK_EVERY == 0 and bool(torch.isin(tokens[:, : step + 1], eos).any(1).all()):
-                return tokens[:, : step + 1]
-        return tokens
+        return replay_steps(self.graph.replay, self.next_token, self.masks, heads, neurons, steps, eos)
+
+
+def capture(step, reset) -> torch.cuda.CUDAGraph:
+    """``step`` (a callable writing only into fixed buffers) captured as a CUDA graph.
+
+    It is called once first on a side stream (library handles and workspaces are created
+    outside the capture, as CUDA graph capture requires); ``reset`` then undoes what that
+    warm-up call wrote, before the call that is captured.
+    """
+    global _POOL
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step()
+    torch.cuda.current_stream().wait_stream(stream)
+    reset()
+    _POOL = _POOL or torch.cuda.graph_pool_handle()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=_POOL):
+        step()
+    return graph
+
+
+def replay_steps(replay, next_token: torch.Tensor, masks: StepMasks | None, heads, neurons, steps: int,
+                 eos: torch.Tensor) -> torch.Tensor:
+    """Tokens ``[rows, <= steps]`` of ``steps`` calls of ``replay``, each writing ``next_token``;
+    ``masks`` (None: dense) is loaded with each step's ``heads``/``neurons`` first. Stops early,
+    checked every ``CHECK_EVERY`` steps, once every row has produced an end-of-sequence token."""
+    tokens = torch.zeros(next_token.shape[0], steps, dtype=torch.long, device=next_token.device)
+    for step in range(steps):
+        if masks is not None:
+            masks.load(heads[:, step], neurons[:, step])
+        replay()
+        tokens[:, step] = next_token
+        if len(eos) and (step + 1) % CHECK_EVERY == 0 and bool(torch.isin(tokens[:, : step + 1], eos).any(1).all()):
+            return tokens[:, : step + 1]
+    return tokens
 
 
 def cached_kv(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -16,9 +16,10 @@ Work that is the same in every row is done once:
 
 On a GPU each decoding step is replayed from a captured CUDA graph where the model
 allows it (``cuda_graph.py``): a step then costs GPU time, not Python time. There the
-dense runs of a batch decode as one padded batch, and so do the masked rows of many
-samples at once (``GROUP_KV_BYTES`` bounds their cache): a replayed step costs about the
-same for 45 rows as for 500, so rows of several samples share each step.
+dense runs of a batch decode as one padded batch, and the masked rows of many samples
+decode together (``GROUP_KV_BYTES`` bounds their cache), the rows of a sample reading
+its prefix once per step (``shared_prefix.py``): a replayed step costs about the same
+for 45 rows as for 1000, so rows of many samples share each step.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from transformers import DynamicCache
 
 from pipeline.decoding.cuda_graph import (
     CHECK_EVERY,
+    _without_graphs,
     cached_kv,
     decode_captured,
     decode_captured_padded,
@@ -38,6 +40,7 @@ from pipeline.decoding.cuda_graph import (
     padded_capacity,
     padded_graphs_enabled,
 )
+from pipeline.decoding.shared_prefix import decoder_for, kv_geometry
 from pipeline.hooks import StepMasks, UnitHooks, using_hooks
 from pipeline.models.inputs import pad, position_ids, with_cache
 
@@ -253,8 +256,8 @@ def masked_after_dense_batch(model, dense: list[DenseRun], head_keep: list[torch
     first switched-off unit of any row, and rows that never switch a unit off, are the
     dense run's. ``hooks``: the run's ``UnitHooks``; None: installed for this call only.
 
-    On a GPU with captured padded steps the rows of many samples share each replayed
-    step (``_masked_groups_captured``); with captured steps but no padded ones each
+    On a GPU with captured SDPA steps the rows of many samples share each replayed
+    step (``_masked_groups_shared``); with captured steps but no SDPA each
     sample decodes on its own; elsewhere one eager batch uses the matrix units better,
     and rows leave the batch as their sample's answer length is reached.
     """
@@ -270,10 +273,12 @@ def _masked_rows(model, dense, head_keep, neuron_keep, eos_token_ids, hooks: Uni
     todo = [i for i, w in enumerate(work) if w.active]
     if not todo:
         return outputs
-    if MASKED_GROUPS and len(todo) > 1 and padded_graphs_enabled(model):
-        todo = _masked_groups_captured(model, work, todo, eos, outputs, hooks)  # what could not be captured remains
-        if not todo:
+    if MASKED_GROUPS and padded_graphs_enabled(model):
+        try:
+            _masked_groups_shared(model, work, todo, eos, outputs, hooks)
             return outputs
+        except Exception as error:  # noqa: BLE001 - whatever fails to capture is decoded without graphs
+            _without_graphs(model, error)
     if graphs_enabled(model) or len(todo) == 1:
         for i in todo:
             w = work[i]
@@ -331,64 +336,60 @@ def _padded_prefixes(model, items: list[_MaskedWork], device):
     return kv, mask, positions, first
 
 
-def _group_rows(model, items: list[_MaskedWork]) -> int:
-    """Rows per captured masked step: as many as ``GROUP_KV_BYTES`` of static cache hold."""
-    config = model.config.get_text_config()
-    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    per_position = 2 * config.num_hidden_layers * heads * head_dim * next(model.parameters()).element_size()
-    positions = max(len(w.dense.prompt_ids) + len(w.dense.tokens) for w in items)
-    capacity = padded_capacity(positions)
+def _group_samples(model, layout, rows: int, width: int, steps: int) -> int:
+    """Samples per shared-prefix group: as many as ``GROUP_KV_BYTES`` hold (cache and step masks)
+    and at most ``GROUP_MAX_ROWS`` rows."""
+    layers, heads, kv_heads, head_dim = kv_geometry(model.config)
+    cache = 2 * layers * kv_heads * head_dim * next(model.parameters()).element_size() * (width + rows * steps)
+    masks = rows * steps * layers * (layout.num_heads + layout.num_neurons)  # bool
     budget = GROUP_KV_BYTES
     if torch.cuda.is_available():
         budget = min(budget, torch.cuda.mem_get_info()[0] // 4)
-    return max(max(len(w.active) for w in items), min(GROUP_MAX_ROWS, budget // (per_position * capacity)))
+    return max(1, min(GROUP_MAX_ROWS // rows, budget // (cache + masks)))
 
 
-def _masked_groups_captured(model, work: list[_MaskedWork], todo: list[int], eos, outputs,
-                            hooks: UnitHooks) -> list[int]:
-    """Decode the masked rows of several samples per captured step; returns the samples left undone.
+def _masked_groups_shared(model, work: list[_MaskedWork], todo: list[int], eos, outputs, hooks: UnitHooks,
+                          captured: bool = True) -> None:
+    """Decode the masked rows of the samples ``todo``, many samples per step, each sample's
+    prefix read once per step (``shared_prefix.py``).
 
-    Whole samples fill groups of up to ``_group_rows`` rows; every group is padded (with
-    copies of its last row, whose tokens are dropped) to the same row count, so one
-    captured step serves all groups of a batch.
+    All groups of a call have one shape (samples x rows, prefix width, steps), so one
+    captured step serves them: a sample with fewer active rows, and a group with fewer
+    samples, leave rows that decode with nothing switched off and are dropped.
     """
-    limit = _group_rows(model, [work[i] for i in todo])
-    groups, current, count = [], [], 0
-    # samples of similar prefix length and steps share a group: less padding, fewer wasted steps
-    for i in sorted(todo, key=lambda i: (len(work[i].dense.prompt_ids) + work[i].shared, len(work[i].dense.tokens))):
-        if current and count + len(work[i].active) > limit:
-            groups.append(current)
-            current, count = [], 0
-        current.append(i)
-        count += len(work[i].active)
-    groups.append(current)
-    rows = max(sum(len(work[i].active) for i in group) for group in groups)
-    rows = min(-(-rows // 64) * 64, max(rows, limit))  # a multiple of 64 where the budget allows
-    left = []
-    for group in groups:
-        items = [work[i] for i in group]
-        device = items[0].dense.prompt_ids.device
-        kv, mask, positions, first = _padded_prefixes(model, items, device)
-        real = first.shape[0]
-        steps = max(len(w.dense.tokens) - w.shared for w in items)
-        heads = torch.cat([_pad_steps(w.heads, steps) for w in items])
-        neurons = torch.cat([_pad_steps(w.neurons, steps) for w in items])
-        if real < rows:
-            index = torch.cat([torch.arange(real, device=device), torch.full((rows - real,), real - 1, device=device)])
-            kv = [(keys[index], values[index]) for keys, values in kv]
-            mask, positions, first, heads, neurons = (t[index] for t in (mask, positions, first, heads, neurons))
-        captured = decode_captured_padded(model, kv, mask, positions, first, steps, eos, heads, neurons, hooks)
-        if captured is None:
-            left += group
-            continue
-        tokens = captured[0][:real]
-        limits = torch.tensor([len(w.dense.tokens) - w.shared for w in items for _ in w.active], device=device)
-        decoded = iter(row[:n] for row, n in zip(tokens.tolist(), _lengths(tokens, eos, limits)))
-        for i, w in zip(group, items):
-            for row in w.active:
-                outputs[i][row] = w.dense.tokens[:w.shared] + next(decoded)
-    return left
+    prefixes = {i: work[i].dense.prefix(model, work[i].shared) for i in todo}
+    lengths = {i: prefix.get_seq_length() for i, (prefix, _) in prefixes.items()}
+    left = {i: len(work[i].dense.tokens) - work[i].shared for i in todo}  # steps to decode
+    rows = max(len(work[i].active) for i in todo)
+    width = padded_capacity(max(lengths.values()))
+    steps = -(-max(left.values()) // 8) * 8
+    # samples of similar prefix length and steps share a group: fewer wasted steps
+    order = sorted(todo, key=lambda i: (left[i], lengths[i]))
+    count = -(-len(order) // _group_samples(model, hooks.layout, rows, width, steps))
+    samples = -(-len(order) // count)
+    decoder = decoder_for(model, samples, rows, width, steps, hooks.layout, captured)
+    device = work[todo[0]].dense.prompt_ids.device
+    for start in range(0, len(order), samples):
+        group = order[start:start + samples]
+        group_steps = max(left[i] for i in group)
+
+        def per_row(values: list[torch.Tensor], fill) -> torch.Tensor:  # each sample's block padded to `rows` rows
+            blocks = [torch.cat([v, v.new_full((rows - len(v), *v.shape[1:]), fill)]) for v in values]
+            blocks += [blocks[0].new_full(blocks[0].shape, fill)] * (samples - len(group))
+            return torch.cat(blocks)
+
+        heads = per_row([_pad_steps(work[i].heads, group_steps) for i in group], True)
+        neurons = per_row([_pad_steps(work[i].neurons, group_steps) for i in group], True)
+        first = per_row([prefixes[i][1].expand(len(work[i].active), 1) for i in group], 0)
+        positions = per_row([torch.full((len(work[i].active),), lengths[i], device=device) for i in group], 0)
+        tokens = decoder.decode([cached_kv(prefixes[i][0]) for i in group], first, positions, group_steps, eos,
+                                heads, neurons, hooks)
+        for slot, i in enumerate(group):
+            w = work[i]
+            mine = tokens[slot * rows: slot * rows + len(w.active)]
+            limits = torch.full((len(w.active),), left[i], device=device)
+            for row, n, decoded in zip(w.active, _lengths(mine, eos, limits), mine.tolist()):
+                outputs[i][row] = w.dense.tokens[:w.shared] + decoded[:n]
 
 
 @torch.no_grad()

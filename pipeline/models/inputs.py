@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+from contextlib import contextmanager
 
 import torch
 
@@ -49,3 +50,18 @@ def pad(values: torch.Tensor, lengths: torch.Tensor, side: str) -> tuple[torch.T
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     """Positions counted over the real tokens of each row (padding gets 0)."""
     return (attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+
+@contextmanager
+def attention_implementation(model, name: str):
+    """Inside the block, ``model``'s attention modules call the function registered as ``name``
+    (transformers' ``AttentionInterface``); its own implementation again after it."""
+    configs = list({id(c): c for c in (model.config, model.config.get_text_config())}.values())
+    previous = [config._attn_implementation for config in configs]
+    for config in configs:
+        config._attn_implementation = name
+    try:
+        yield
+    finally:
+        for config, implementation in zip(configs, previous):
+            config._attn_implementation = implementation

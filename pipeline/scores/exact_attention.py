@@ -46,6 +46,8 @@ from torch.autograd.function import once_differentiable
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
+from pipeline.models.inputs import attention_implementation
+
 IMPLEMENTATION = "sparseact_exact"
 
 
@@ -72,17 +74,12 @@ class ExactAttention:
     def mode(self, mode: str = "live"):
         """One pass with the exact attention: ``live`` (context = this pass, detached), ``record``
         (the same, and keep it) or ``replay`` (context = the recorded pass)."""
-        configs = list({id(c): c for c in (self.model.config, self.model.config.get_text_config())}.values())
-        previous = [config._attn_implementation for config in configs]
-        for config in configs:
-            config._attn_implementation = IMPLEMENTATION
         active = _ACTIVE.set((self, mode))
         try:
-            yield
+            with attention_implementation(self.model, IMPLEMENTATION):
+                yield
         finally:
             _ACTIVE.reset(active)
-            for config, name in zip(configs, previous):
-                config._attn_implementation = name
 
 
 # The pass in progress: transformers calls the registered function with the attention module

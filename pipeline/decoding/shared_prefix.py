@@ -1,0 +1,204 @@
+"""Masked rows of many samples in one captured step, each sample's prefix read once.
+
+The masked rows of a sample share everything before their first masked step: the
+prompt and the dense tokens before it (``generation._MaskedWork``). A padded step
+(``cuda_graph.decode_captured_padded``) gives every row its own copy of that prefix,
+and attention reads all the copies: at Phi-2 shape 640 rows x 128 cache columns are
+27 GB per step, and a prefill attention kernel run for one query per row took 58% of
+the step (benchmarks/RESULTS.md, session 3).
+
+Here the rows of a sample are the *queries of one attention call*. Each sample owns one
+run of cache columns: its prefix, then ``steps`` columns for each row's own tokens::
+
+    sample s:  [ prefix (width) | row 0's steps | row 1's steps | ... | row R-1's steps ]
+
+and a boolean mask lets row r's query see the prefix and its own columns only. That is
+the attention each row would compute alone (same keys, same values, the rest weighted
+zero), computed by the model's SDPA kernel over ``[samples, kv heads, R x group, columns]``:
+the prefix is read once per sample and step instead of once per row.
+
+The model keeps its own code: its attention modules project, rotate and hand this
+step's key and value to the function registered below (``AttentionInterface``), which
+writes them into the sample's columns and attends. The group's ``SharedPrefixCache`` is
+passed explicitly, as a keyword argument of the model call that transformers hands down
+to the attention function; the model is called without a cache of its own.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from pipeline.decoding.cuda_graph import CAPTURE_BACKENDS, capture, replay_steps
+from pipeline.hooks import StepMasks, UnitHooks
+from pipeline.models.inputs import attention_implementation, forward_arguments
+
+IMPLEMENTATION = "sparseact_shared_prefix"
+
+
+def kv_geometry(config) -> tuple[int, int, int, int]:
+    """``(layers, query heads, key/value heads, head dim)`` of a model's attention."""
+    config = config.get_text_config()
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return config.num_hidden_layers, heads, kv_heads, head_dim
+
+
+class SharedPrefixCache:
+    """Keys and values of a group of ``samples`` samples with ``rows`` rows each.
+
+    Per layer ``[samples, kv heads, width + rows * steps, head dim]``; ``visible``
+    ``[samples, rows, group, columns]`` (group = query heads per key/value head) is the
+    attention mask, as the 4-D ``[samples, 1, rows * group, columns]`` the kernel takes.
+    Row ``s * rows + r`` of the model's batch is row r of sample s.
+    """
+
+    def __init__(self, config, samples: int, rows: int, width: int, steps: int, dtype, device):
+        layers, heads, kv_heads, head_dim = kv_geometry(config)
+        self.samples, self.rows, self.width, self.steps = samples, rows, width, steps
+        self.group = heads // kv_heads
+        columns = width + rows * steps
+        shape = (samples, kv_heads, columns, head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.visible = torch.zeros(samples, rows, self.group, columns, dtype=torch.bool, device=device)
+        self.mask = self.visible.view(samples, 1, rows * self.group, columns)
+        self._sample = torch.arange(samples, device=device).repeat_interleave(rows)  # per batch row
+        slot = torch.arange(rows, device=device).repeat(samples)
+        self._slot = slot
+        self._kv_head = torch.arange(kv_heads, device=device)
+        self._first_column = width + slot * steps
+        self.column = self._first_column.clone()  # the column each row writes at this step
+
+    def start(self, prefixes: list[list[tuple[torch.Tensor, torch.Tensor]]]) -> None:
+        """Sample s's prefix: per layer ``(keys, values)`` ``[1, kv heads, length, dim]`` (no layers: empty)."""
+        self.visible.zero_()
+        for sample, kv in enumerate(prefixes):
+            length = kv[0][0].shape[-2] if kv else 0
+            for layer, (keys, values) in enumerate(kv):
+                self.keys[layer][sample, :, :length] = keys[0]
+                self.values[layer][sample, :, :length] = values[0]
+            self.visible[sample, :, :, :length] = True
+        self.column.copy_(self._first_column)
+
+    def open_columns(self) -> None:
+        """Each row sees the column it writes at this step (before the step)."""
+        self.visible[self._sample, self._slot, :, self.column] = True
+
+    def advance(self) -> None:
+        self.column.add_(1)
+
+    def attend(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+               mask: torch.Tensor, scaling: float | None) -> torch.Tensor:
+        """Store this step's ``key``/``value`` ``[batch rows, kv heads, 1, dim]`` and attend with
+        ``query`` ``[batch rows, heads, 1, dim]``; returns ``[batch rows, 1, heads, dim]``."""
+        where = (self._sample[:, None], self._kv_head[None, :], self.column[:, None])
+        self.keys[layer].index_put_(where, key[:, :, -1])
+        self.values[layer].index_put_(where, value[:, :, -1])
+        samples, rows, group = self.samples, self.rows, self.group
+        heads, dim = query.shape[1], query.shape[-1]
+        # query head h reads key/value head h // group, as transformers' repeat_kv pairs them
+        queries = query.reshape(samples, rows, -1, group, dim).transpose(1, 2).reshape(samples, -1, rows * group, dim)
+        out = F.scaled_dot_product_attention(queries, self.keys[layer], self.values[layer], attn_mask=mask,
+                                             scale=scaling)
+        return out.view(samples, -1, rows, group, dim).transpose(1, 2).reshape(samples * rows, 1, heads, dim)
+
+
+def shared_prefix_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                            shared_prefix: SharedPrefixCache | None = None, **kwargs):
+    if shared_prefix is None:
+        raise RuntimeError(f"{type(module).__name__} did not pass shared_prefix to its attention function")
+    return shared_prefix.attend(module.layer_idx, query, key, value, attention_mask, scaling), None
+
+
+AttentionInterface.register(IMPLEMENTATION, shared_prefix_attention)
+AttentionMaskInterface.register(IMPLEMENTATION, sdpa_mask)  # unused: the step passes its own 4-D mask
+
+
+class SharedPrefixDecoder:
+    """Greedy masked steps of ``samples`` x ``rows`` rows over a ``SharedPrefixCache``.
+
+    On CUDA the step is captured once (``capture``) and replayed; ``captured=False`` calls
+    it eagerly (the CPU, and tests of this path).
+    """
+
+    def __init__(self, model, samples: int, rows: int, width: int, steps: int, layout, captured: bool = True):
+        parameter = next(model.parameters())
+        device = parameter.device
+        self.model, self.captured = model, captured
+        self.cache = SharedPrefixCache(model.config, samples, rows, width, steps, parameter.dtype, device)
+        batch = samples * rows
+        self.input_ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.position_ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.next_token = torch.zeros(batch, dtype=torch.long, device=device)
+        self.masks = StepMasks(batch, layout, device)
+        keep = forward_arguments(model)[1]
+        self._arguments = {"use_cache": False, **({keep: 1} if keep else {})}
+        self.graph: torch.cuda.CUDAGraph | None = None
+
+    def _start(self, prefixes, first_input: torch.Tensor, positions: torch.Tensor) -> None:
+        self.cache.start(prefixes)
+        self.input_ids.copy_(first_input)
+        self.position_ids.copy_(positions.view(-1, 1))
+
+    def _step(self, hooks: UnitHooks) -> None:
+        """One step; ``hooks`` (installed) multiply by ``self.masks``: a capture records that."""
+        hooks.masks = self.masks
+        try:
+            self.cache.open_columns()
+            with attention_implementation(self.model, IMPLEMENTATION):
+                logits = self.model(input_ids=self.input_ids, position_ids=self.position_ids,
+                                    attention_mask=self.cache.mask, shared_prefix=self.cache,
+                                    **self._arguments).logits[:, -1]
+            self.next_token.copy_(logits.argmax(-1))
+            self.input_ids.copy_(self.next_token.unsqueeze(-1))
+            self.cache.advance()
+            self.position_ids.add_(1)
+        finally:
+            hooks.masks = None
+
+    def _capture(self, prefixes, first_input, positions, heads, neurons, hooks: UnitHooks) -> None:
+        from torch.nn.attention import sdpa_kernel
+
+        def reset():  # the warm-up step wrote a column and moved the counters
+            self._start(prefixes, first_input, positions)
+
+        self.masks.load(heads[:, 0], neurons[:, 0])
+        with sdpa_kernel(CAPTURE_BACKENDS):
+            self.graph = capture(lambda: self._step(hooks), reset)
+
+    def decode(self, prefixes, first_input: torch.Tensor, positions: torch.Tensor, steps: int,
+               eos: torch.Tensor, heads: torch.Tensor, neurons: torch.Tensor, hooks: UnitHooks) -> torch.Tensor:
+        """Tokens ``[samples * rows, <= steps]``.
+
+        ``prefixes``: per sample, per layer ``(keys, values)`` ``[1, kv heads, length, dim]``
+        (fewer samples than the group holds leave slots empty); ``first_input`` ``[batch, 1]``,
+        ``positions`` ``[batch]`` (each row's first position), masks ``[batch, steps, layers, units]``
+        that ``hooks`` (installed) apply.
+        """
+        if steps > self.cache.steps:
+            raise ValueError(f"{steps} steps do not fit the group's {self.cache.steps} columns per row")
+        self._start(prefixes, first_input, positions)
+        if self.captured and self.graph is None:
+            self._capture(prefixes, first_input, positions, heads, neurons, hooks)
+        replay = self.graph.replay if self.captured else lambda: self._step(hooks)
+        return replay_steps(replay, self.next_token, self.masks, heads, neurons, steps, eos)
+
+
+DECODERS_KEPT = 2  # a group's cache is large: keep the most recently used few
+
+
+def decoder_for(model, samples: int, rows: int, width: int, steps: int, layout, captured: bool) -> SharedPrefixDecoder:
+    """The model's decoder of this group shape (made, and captured at its first use, once)."""
+    decoders = model.__dict__.setdefault("_sparseact_decoders", {})
+    key = ("shared", samples, rows, width, steps, captured)
+    decoder = decoders.pop(key, None)  # re-inserted last: dicts keep insertion order, oldest first
+    if decoder is None:
+        for old in [k for k in decoders if k[0] == "shared"][: -DECODERS_KEPT + 1 or None]:
+            del decoders[old]
+        decoder = SharedPrefixDecoder(model, samples, rows, width, steps, layout, captured)
+    decoders[key] = decoder
+    return decoder
