@@ -70,6 +70,8 @@ class SharedPrefixCache:
         slot = torch.arange(rows, device=device).repeat(samples)
         self._slot = slot
         self._kv_head = torch.arange(kv_heads, device=device)
+        self._group_head = torch.arange(self.group, device=device)
+        self._true = torch.ones((), dtype=torch.bool, device=device)  # a Python True would be copied from the host
         self._first_column = width + slot * steps
         self.column = self._first_column.clone()  # the column each row writes at this step
 
@@ -86,7 +88,8 @@ class SharedPrefixCache:
 
     def open_columns(self) -> None:
         """Each row sees the column it writes at this step (before the step)."""
-        self.visible[self._sample, self._slot, :, self.column] = True
+        where = (self._sample[:, None], self._slot[:, None], self._group_head[None, :], self.column[:, None])
+        self.visible.index_put_(where, self._true)
 
     def advance(self) -> None:
         self.column.add_(1)
