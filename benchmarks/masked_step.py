@@ -153,20 +153,25 @@ def time_step(model, hooks, path: str, rows: int, args, flop_rate: float, byte_r
     if args.profile:
         if decoder is None:
             decoder = next(d for k, d in model.__dict__["_sparseact_decoders"].items() if k[0] == "padded")
-        profile_step(decoder, hooks, heads, neurons)
+            reset = lambda: decoder._start(kv, first, mask, positions)  # noqa: E731
+        else:
+            reset = lambda: decoder._start(prefixes, first, positions)  # noqa: E731
+        profile_step(decoder, hooks, heads, neurons, reset)
     kv = decoder = None  # free the caches before the next shape
     model.__dict__.pop("_sparseact_decoders", None)
     torch.cuda.empty_cache()
     return per_step
 
 
-def profile_step(decoder, hooks, heads, neurons) -> None:
-    """One eager step of a captured decoder under the profiler: GPU time per kernel."""
+def profile_step(decoder, hooks, heads, neurons, reset) -> None:
+    """One eager step of a captured decoder under the profiler: GPU time per kernel. ``reset``
+    puts the decoder back at its first step (its cache has no columns past the last)."""
     from torch.nn.attention import sdpa_kernel
     from torch.profiler import ProfilerActivity, profile
 
     decoder.masks.load(heads[:, 0], neurons[:, 0])
     with sdpa_kernel(cuda_graph.CAPTURE_BACKENDS):
+        reset()
         decoder._step(hooks)  # warm
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
