@@ -30,7 +30,6 @@ from torch.nn.attention import SDPBackend
 from pipeline.hooks import StepMasks, UnitHooks
 from pipeline.models.inputs import with_cache
 
-_POOL = None  # one memory pool shared by all captured graphs
 # Attention kernels a captured step may use (benchmarks/masked_step.py compares them)
 CAPTURE_BACKENDS_DEFAULT = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
                             SDPBackend.MATH]
@@ -125,18 +124,18 @@ def capture(step, reset) -> torch.cuda.CUDAGraph:
 
     It is called once first on a side stream (library handles and workspaces are created
     outside the capture, as CUDA graph capture requires); ``reset`` then undoes what that
-    warm-up call wrote, before the call that is captured.
+    warm-up call wrote, before the call that is captured. Each graph has its own memory
+    pool: a pool shared by all graphs failed an allocator assertion on the next capture
+    once every graph of it had been freed (decoders are dropped and replaced).
     """
-    global _POOL
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
         step()
     torch.cuda.current_stream().wait_stream(stream)
     reset()
-    _POOL = _POOL or torch.cuda.graph_pool_handle()
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=_POOL):
+    with torch.cuda.graph(graph):
         step()
     return graph
 

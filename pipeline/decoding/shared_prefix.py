@@ -8,11 +8,12 @@ and attention reads all the copies: at Phi-2 shape 640 rows x 128 cache columns 
 the step (benchmarks/RESULTS.md, session 3).
 
 Here the rows of a sample are the *queries of one attention call*. Each sample owns one
-run of cache columns: its prefix, then ``steps`` columns for each row's own tokens::
+run of cache columns: its prefix, then one column per row and step, step by step::
 
-    sample s:  [ prefix (width) | row 0's steps | row 1's steps | ... | row R-1's steps ]
+    sample s:  [ prefix (width) | step 0: rows 0..R-1 | step 1: rows 0..R-1 | ... ]
 
-and a boolean mask lets row r's query see the prefix and its own columns only. That is
+so a step writes one contiguous block of columns per sample (``index_copy_``), and a
+boolean mask lets row r's query see the prefix and its own columns only. That is
 the attention each row would compute alone (same keys, same values, the rest weighted
 zero), computed by the model's SDPA kernel over ``[samples, kv heads, R x group, columns]``:
 the prefix is read once per sample and step instead of once per row.
@@ -50,10 +51,11 @@ def kv_geometry(config) -> tuple[int, int, int, int]:
 class SharedPrefixCache:
     """Keys and values of a group of ``samples`` samples with ``rows`` rows each.
 
-    Per layer ``[samples, kv heads, width + rows * steps, head dim]``; ``visible``
-    ``[samples, rows, group, columns]`` (group = query heads per key/value head) is the
-    attention mask, as the 4-D ``[samples, 1, rows * group, columns]`` the kernel takes.
-    Row ``s * rows + r`` of the model's batch is row r of sample s.
+    Per layer ``[samples, kv heads, width + steps * rows, head dim]``, row r's key at step t in
+    column ``width + t * rows + r``; ``visible`` ``[samples, rows, group, columns]`` (group =
+    query heads per key/value head) is the attention mask, as the 4-D
+    ``[samples, 1, rows * group, columns]`` the kernel takes. Row ``s * rows + r`` of the
+    model's batch is row r of sample s.
     """
 
     def __init__(self, config, samples: int, rows: int, width: int, steps: int, dtype, device):
@@ -66,14 +68,12 @@ class SharedPrefixCache:
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
         self.visible = torch.zeros(samples, rows, self.group, columns, dtype=torch.bool, device=device)
         self.mask = self.visible.view(samples, 1, rows * self.group, columns)
-        self._sample = torch.arange(samples, device=device).repeat_interleave(rows)  # per batch row
-        slot = torch.arange(rows, device=device).repeat(samples)
-        self._slot = slot
-        self._kv_head = torch.arange(kv_heads, device=device)
+        self._sample = torch.arange(samples, device=device)
+        self._slot = torch.arange(rows, device=device)
         self._group_head = torch.arange(self.group, device=device)
         self._true = torch.ones((), dtype=torch.bool, device=device)  # a Python True would be copied from the host
-        self._first_column = width + slot * steps
-        self.column = self._first_column.clone()  # the column each row writes at this step
+        self._first_columns = width + self._slot
+        self.columns = self._first_columns.clone()  # [rows]: the column row r of every sample writes at this step
 
     def start(self, prefixes: list[list[tuple[torch.Tensor, torch.Tensor]]]) -> None:
         """Sample s's prefix: per layer ``(keys, values)`` ``[1, kv heads, length, dim]`` (no layers: empty)."""
@@ -84,24 +84,24 @@ class SharedPrefixCache:
                 self.keys[layer][sample, :, :length] = keys[0]
                 self.values[layer][sample, :, :length] = values[0]
             self.visible[sample, :, :, :length] = True
-        self.column.copy_(self._first_column)
+        self.columns.copy_(self._first_columns)
 
     def open_columns(self) -> None:
         """Each row sees the column it writes at this step (before the step)."""
-        where = (self._sample[:, None], self._slot[:, None], self._group_head[None, :], self.column[:, None])
+        where = (self._sample[:, None, None], self._slot[None, :, None], self._group_head[None, None, :],
+                 self.columns[None, :, None])
         self.visible.index_put_(where, self._true)
 
     def advance(self) -> None:
-        self.column.add_(1)
+        self.columns.add_(self.rows)
 
     def attend(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                mask: torch.Tensor, scaling: float | None) -> torch.Tensor:
         """Store this step's ``key``/``value`` ``[batch rows, kv heads, 1, dim]`` and attend with
         ``query`` ``[batch rows, heads, 1, dim]``; returns ``[batch rows, 1, heads, dim]``."""
-        where = (self._sample[:, None], self._kv_head[None, :], self.column[:, None])
-        self.keys[layer].index_put_(where, key[:, :, -1])
-        self.values[layer].index_put_(where, value[:, :, -1])
         samples, rows, group = self.samples, self.rows, self.group
+        for cache, new in ((self.keys[layer], key), (self.values[layer], value)):
+            cache.index_copy_(2, self.columns, new[:, :, -1].view(samples, rows, new.shape[1], -1).transpose(1, 2))
         heads, dim = query.shape[1], query.shape[-1]
         # query head h reads key/value head h // group, as transformers' repeat_kv pairs them
         queries = query.reshape(samples, rows, -1, group, dim).transpose(1, 2).reshape(samples, -1, rows * group, dim)
