@@ -9,7 +9,9 @@ non-embedding parameters, over the measured bf16 matmul rate).
 
 Phases: ``load`` (questions, model), ``dense labels``, ``attribution``, ``masks``,
 ``masked decoding``, ``records`` (row numbers on the device, records on the host),
-``writing`` (records, summary, plot), ``teardown`` (Lightning's end of predict),
+``writing`` (records, summary, plot), ``host wait`` (for the record writer's thread,
+which on a GPU builds and writes batch k while batch k+1 computes; what that thread
+spends is listed apart), ``teardown`` (Lightning's end of predict),
 ``other`` (the rest: start-up, Lightning, calibration). With ``--sync`` (default on a
 GPU) the timer synchronises CUDA at each phase edge, so GPU work is charged to the
 phase that queued it.
@@ -45,11 +47,13 @@ import pipeline.runner.callbacks as callbacks_module  # noqa: E402
 import pipeline.runner.run as run_module  # noqa: E402
 
 IMPORT_S = time.perf_counter() - _STARTED
-PHASES = ["load", "dense labels", "attribution", "masks", "masked decoding", "records", "writing", "teardown"]
+PHASES = ["load", "dense labels", "attribution", "masks", "masked decoding", "records", "writing", "host wait",
+          "teardown"]
 # lever name -> (module, attribute, value when switched off)
 LEVERS = {
     "dense_graphs": ("pipeline.decoding.generation", "DENSE_GRAPHS", False),
     "masked_groups": ("pipeline.decoding.generation", "MASKED_GROUPS", False),
+    "background_records": ("pipeline.runner.callbacks", "BACKGROUND_ON_ACCELERATORS", False),
     "keep_on_device": ("pipeline.runner.module", "KEEP_ON_DEVICE_AT_TEARDOWN", False),
     "no_cudnn": ("pipeline.runner.module", "NO_CUDNN_ATTENTION", False),
     "no_cudnn_attribution": ("pipeline.scores.exact_attention", "CUDNN_ATTENTION", True),
@@ -67,6 +71,7 @@ class Timer:
     def __init__(self, sync: bool):
         self.sync = sync and torch.cuda.is_available()
         self.seconds = {p: 0.0 for p in PHASES}
+        self.background = {}  # phases run in the record writer's thread, overlapping the others
         self.depth = 0
         self.first_batch = None
         self.teardown_start = None
@@ -79,6 +84,13 @@ class Timer:
 
     @contextmanager
     def phase(self, name):
+        if threading.current_thread() is not threading.main_thread():  # the writer's host work: not synchronised
+            start = time.perf_counter()
+            try:
+                yield
+            finally:
+                self.background[name] = self.background.get(name, 0.0) + time.perf_counter() - start
+            return
         if self.depth:  # nested (e.g. records inside writing): charged to the outer phase
             yield
             return
@@ -140,6 +152,7 @@ def install(timer: Timer) -> None:
     timer.wrap(protocol_module, "_records", "records")
     timer.wrap(callbacks_module, "append_records", "writing")
     timer.wrap(callbacks_module, "save_scores", "writing")
+    timer.wrap(callbacks_module.RecordWriter, "wait", "host wait")  # for the writer thread's previous batch
     timer.wrap(run_module, "read_records", "writing")
     timer.wrap(run_module, "write_summary", "writing")
     timer.wrap(run_module, "plot_curves", "writing")
@@ -263,7 +276,7 @@ def one_run(args, label: str, off: set[str], model_name: str, rate, gpus: int) -
     prediction = end_of_prediction - (timer.first_batch or start)
     samples = len(timer.shapes)
     result = {"label": label, "off": sorted(off), "total_s": total, "prediction_s": prediction, "samples": samples,
-              "phases": dict(timer.seconds), "busy": busy.fraction(timer.first_batch or start, end_of_prediction),
+              "phases": dict(timer.seconds), "background": dict(timer.background), "busy": busy.fraction(timer.first_batch or start, end_of_prediction),
               "shapes": timer.shapes, "metrics": metrics, "levels": protocol.levels}
     if rate:
         from transformers import AutoConfig
@@ -299,6 +312,9 @@ def report(result: dict, rate) -> list[str]:
              f"run {total:.1f} s, prediction {result['prediction_s']:.2f} s = "
              f"{result['samples'] / result['prediction_s']:.2f} samples/s"]
     lines.append("    " + "  ".join(f"{name} {seconds:.2f} s ({seconds / total:.0%})" for name, seconds in phases.items()))
+    if result.get("background"):
+        lines.append("    in the record writer's thread, overlapping the above: "
+                     + "  ".join(f"{name} {seconds:.2f} s" for name, seconds in result["background"].items()))
     extra = []
     if result.get("busy") is not None:
         extra.append(f"GPU busy {result['busy']:.0%} over the prediction (NVML)")

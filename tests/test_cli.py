@@ -173,3 +173,63 @@ def test_saved_raw_scores_round_trip(tiny_dir, tmp_path):
     fresh = attribute(loaded.model, prompt, labels, metrics=["cor_gxo"])["cor_gxo"]
     torch.testing.assert_close(saved["cor_gxo"].neurons, fresh.neurons, rtol=1e-5, atol=1e-7)
     assert saved["cor_gxo"].heads.shape == fresh.heads.shape
+
+
+def test_background_records_are_the_synchronous_ones(tiny_dir, tmp_path, monkeypatch):
+    """Host work in the writer's thread (the accelerator default, forced here on the CPU) writes
+    the same records, in the same order, as the synchronous writer, over several batches."""
+    import threading
+
+    from pipeline.runner import callbacks
+
+    main(_args(tiny_dir, tmp_path / "sync", "--run.batch_size", "1"))
+    threads = set()
+    write = callbacks.RecordWriter._write
+
+    def recording(shard, host_work):
+        threads.add(threading.current_thread().name)
+        return write(shard, host_work)
+
+    monkeypatch.setattr(callbacks.RecordWriter, "setup", lambda self, *args, **kwargs: setattr(self, "background", True))
+    monkeypatch.setattr(callbacks.RecordWriter, "_write", staticmethod(recording))
+    main(_args(tiny_dir, tmp_path / "background", "--run.batch_size", "1"))
+    assert threads and all(name.startswith("sparseact-records") for name in threads)
+    assert (tmp_path / "background" / "records.jsonl").read_bytes() == (tmp_path / "sync" / "records.jsonl").read_bytes()
+
+
+class _Trainer:
+    world_size, global_rank = 1, 0
+
+
+def _host_work(sample_ids, fail=False):
+    from pipeline.protocol import EvaluatedBatch
+
+    def work():
+        if fail:
+            raise OSError("disk full (simulated)")
+        return EvaluatedBatch(records=[Record(
+            sample_id=s, metric="magnitude", level=0.0, sparsity=0.0, kept_heads=[1.0], kept_neurons=[1.0], bleu=100.0,
+            token_agreement=1.0, task_score=None, dense_task_score=None, n_tokens=1, n_dense_tokens=1, output="x",
+            dense_output="x", question="q", reference="r") for s in sample_ids])
+    return work
+
+
+def test_background_writer_keeps_the_pending_batch_when_the_next_one_fails(tmp_path):
+    from pipeline.results.store import read_records
+    from pipeline.runner.callbacks import RecordWriter
+
+    writer = RecordWriter(tmp_path, background=True)
+    writer.write_on_batch_end(_Trainer(), None, _host_work(["a", "b"]), None, None, 0)
+    writer.on_exception(_Trainer(), None, RuntimeError("the next batch failed"))
+    assert [r.sample_id for r in read_records(tmp_path)] == ["a", "b"]
+
+
+def test_background_writer_raises_the_host_work_error_at_the_next_batch(tmp_path):
+    from pipeline.runner.callbacks import RecordWriter
+
+    writer = RecordWriter(tmp_path, background=True)
+    writer.write_on_batch_end(_Trainer(), None, _host_work(["a"], fail=True), None, None, 0)
+    with pytest.raises(OSError, match="disk full"):
+        writer.write_on_batch_end(_Trainer(), None, _host_work(["b"]), None, None, 1)
+    writer.on_predict_end(_Trainer(), None)
+    assert not (tmp_path / "records.jsonl").exists()

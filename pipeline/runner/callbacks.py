@@ -1,7 +1,8 @@
-"""Callbacks: install the module's unit hooks for the whole predict loop, remove them after; write records as batches finish."""
+"""Callbacks: install the module's unit hooks for the whole predict loop, remove them after; build and write records as batches finish."""
 
 from __future__ import annotations
 
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import lightning as L
@@ -9,6 +10,8 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 
 from pipeline.results.raw_scores import save_scores
 from pipeline.results.store import RECORDS, append_records
+
+BACKGROUND_ON_ACCELERATORS = True  # the default of RecordWriter(background=None)
 
 
 class MaskingCallback(L.Callback):
@@ -26,18 +29,69 @@ class MaskingCallback(L.Callback):
 
 
 class RecordWriter(BasePredictionWriter):
-    """Appends each batch's records to the run directory (one shard per rank), durably."""
+    """Builds each batch's records and appends them to the run directory (one shard per rank), durably.
 
-    def __init__(self, run_dir: Path):
+    A predict step returns its host work (a callable giving the ``EvaluatedBatch``: text,
+    BLEU, record lines). With ``background`` (default: on an accelerator) that work and
+    the write run in one worker thread while the device computes the next batch: on an
+    H200 they took 20-28% of a run with the GPU idle. At most one batch is pending: it is
+    on disk before the next one is queued, when prediction ends, and when it fails (a
+    Ctrl-C or an error in the next batch loses only that batch). A kill -9 may also lose
+    the pending batch, for as long as its host work takes (about a second).
+    """
+
+    def __init__(self, run_dir: Path, background: bool | None = None):
         super().__init__(write_interval="batch")
         self.run_dir = Path(run_dir)
+        self.background = background
+        self._worker: ThreadPoolExecutor | None = None
+        self._pending: Future | None = None
 
     def shard(self, trainer) -> Path:
         name = RECORDS if trainer.world_size == 1 else RECORDS.replace(".jsonl", f".rank{trainer.global_rank}.jsonl")
         return self.run_dir / name
 
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if self.background is None:
+            self.background = BACKGROUND_ON_ACCELERATORS and trainer.strategy.root_device.type != "cpu"
+
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
+        self.wait()
+        if not self.background:
+            return self._write(self.shard(trainer), prediction)
+        if self._worker is None:
+            self._worker = ThreadPoolExecutor(1, thread_name_prefix="sparseact-records")
+        self._pending = self._worker.submit(self._write, self.shard(trainer), prediction)
+
+    @staticmethod
+    def _write(shard: Path, host_work) -> None:
+        evaluated = host_work()
         # Scores first: a sample counts as done once its records are on disk.
-        for sample_id, scores in prediction.scores.items():
-            save_scores(self.run_dir, sample_id, scores)
-        append_records(self.shard(trainer), prediction.records)
+        for sample_id, scores in evaluated.scores.items():
+            save_scores(shard.parent, sample_id, scores)
+        append_records(shard, evaluated.records)
+
+    def wait(self) -> None:
+        """Until the pending batch is on disk; its error, if any, is raised here."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def _close(self) -> None:
+        if self._worker is not None:
+            self._worker.shutdown(wait=True)
+            self._worker = None
+
+    def on_predict_end(self, trainer, pl_module) -> None:
+        try:
+            self.wait()
+        finally:
+            self._close()
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        try:
+            self.wait()  # what finished before the failure is kept
+        except Exception:  # noqa: BLE001 - the failure being handled is the one to report
+            pass
+        finally:
+            self._close()

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+from functools import cached_property, partial
+
 import lightning as L
 
 from pipeline.config import ProtocolConfig
@@ -53,13 +56,20 @@ class SparseActivationModule(L.LightningModule):
         self.thresholds, self.layer_levels = shared
 
     def predict_step(self, batch: Block, batch_idx: int):
-        # Records leave through the RecordWriter callback, not through a returned list
-        # that Lightning would accumulate (trainer.predict runs with return_predictions=False).
+        """The batch's device work; returns its host work (building the records), which the
+        RecordWriter callback runs, on an accelerator while the next batch computes.
+        (trainer.predict runs with return_predictions=False: Lightning keeps nothing.)"""
         with _attention_kernels():
             decoded = decode_batch(self.model, self.tokenizer, self.layout, batch.samples, self.template,
                                    self.protocol, self.stop_ids, self.thresholds, self.layer_levels,
                                    self.unit_hooks)
-        return decoded.finish(self.tokenizer, self.protocol, self.task, batch.done)
+        return partial(decoded.finish, self.host_tokenizer, self.protocol, self.task, batch.done)
+
+    @cached_property
+    def host_tokenizer(self):
+        """The tokenizer of the host work, a copy: that work may run in another thread while
+        this one tokenizes the next batch, and a fast tokenizer is not safe for both at once."""
+        return copy.deepcopy(self.tokenizer)
 
     def cpu(self):
         """Stays where it is: Lightning calls this at the end of ``predict`` only to give the
