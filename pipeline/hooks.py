@@ -75,31 +75,32 @@ class Probe:
 class StepMasks:
     """Generation state: the keep masks of the decoding step being computed, for every row.
 
-    ``heads`` is ``[rows, layers, heads, 1]`` and ``neurons`` ``[rows, layers, neurons]``,
-    boolean (multiplying by a bool tensor keeps the activation dtype). They are fixed
-    buffers that the decoding loop refills before each step (``load``): a hook does one
-    tensor operation, and a captured CUDA graph, which remembers addresses, reads each
-    step's masks from the same place.
+    ``heads`` is ``[layers, rows, heads, 1]`` and ``neurons`` ``[layers, rows, neurons]``,
+    boolean (multiplying by a bool tensor keeps the activation dtype), layer first so that
+    a hook's mask is one contiguous block (the multiply then runs vectorised: it took 9% of
+    a captured Phi-2 step when strided). They are fixed buffers that the decoding loop
+    refills before each step (``load``): a hook does one tensor operation, and a captured
+    CUDA graph, which remembers addresses, reads each step's masks from the same place.
     """
 
     def __init__(self, rows: int, layout: UnitLayout, device):
         self.rows = rows
-        self.heads = torch.ones(rows, layout.num_layers, layout.num_heads, 1, dtype=torch.bool, device=device)
-        self.neurons = torch.ones(rows, layout.num_layers, layout.num_neurons, dtype=torch.bool, device=device)
+        self.heads = torch.ones(layout.num_layers, rows, layout.num_heads, 1, dtype=torch.bool, device=device)
+        self.neurons = torch.ones(layout.num_layers, rows, layout.num_neurons, dtype=torch.bool, device=device)
 
     def load(self, heads: torch.Tensor, neurons: torch.Tensor) -> "StepMasks":
         """This step's masks: ``heads`` ``[rows, layers, heads]``, ``neurons`` ``[rows, layers, neurons]``."""
-        self.heads.copy_(heads.unsqueeze(-1))
-        self.neurons.copy_(neurons)
+        self.heads.copy_(heads.transpose(0, 1).unsqueeze(-1))
+        self.neurons.copy_(neurons.transpose(0, 1))
         return self
 
     def apply(self, kind: str, layer: int, x: torch.Tensor, head_dim: int) -> torch.Tensor:
         # the position being computed; earlier ones come from the cache
         last = x if x.shape[1] == 1 else x[:, -1:]
         if kind == HEADS:
-            last.view(self.rows, -1, head_dim).mul_(self.heads[:, layer])
+            last.view(self.rows, -1, head_dim).mul_(self.heads[layer])
         else:
-            last.view(self.rows, -1).mul_(self.neurons[:, layer])
+            last.view(self.rows, -1).mul_(self.neurons[layer])
         return x
 
 
