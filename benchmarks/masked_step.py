@@ -28,12 +28,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import matmul_rate  # noqa: E402
 
 import pipeline.decoding.cuda_graph as cuda_graph  # noqa: E402
+import pipeline.decoding.shared_prefix as shared_prefix  # noqa: E402
 from pipeline.decoding.shared_prefix import decoder_for, kv_geometry  # noqa: E402
 from pipeline.hooks import UnitHooks  # noqa: E402
 from pipeline.models.adapters import layout_for  # noqa: E402
 
 BACKENDS = {
-    "all": None,  # the default: every kernel, in PyTorch's order of preference
+    "all": [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH],
     "math": [SDPBackend.MATH],
     "efficient": [SDPBackend.EFFICIENT_ATTENTION],
     "cudnn": [SDPBackend.CUDNN_ATTENTION],
@@ -76,7 +77,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--keep", type=float, default=0.5, help="fraction of units kept per step")
     parser.add_argument("--paths", nargs="+", default=["shared", "padded"], choices=["shared", "padded"])
-    parser.add_argument("--backends", nargs="+", default=["all"], choices=list(BACKENDS))
+    parser.add_argument("--backends", nargs="+", default=["all"], choices=list(BACKENDS),
+                        help="attention kernels of both captured steps (all: cuDNN first)")
     parser.add_argument("--profile", action="store_true")
     args = parser.parse_args()
 
@@ -92,7 +94,7 @@ def main() -> None:
     print(f"{torch.cuda.get_device_name()}: matmul {flop_rate / 1e12:.0f} TFLOP/s, copy {byte_rate / 1e12:.2f} TB/s; "
           f"attention {model.config._attn_implementation}")
     for backend in args.backends:
-        cuda_graph.CAPTURE_BACKENDS = BACKENDS[backend] or cuda_graph.CAPTURE_BACKENDS_DEFAULT
+        cuda_graph.CAPTURE_BACKENDS = shared_prefix.ATTENTION_BACKENDS = BACKENDS[backend]
         for rows in args.rows:
             times = {}
             for path in args.paths:
@@ -170,7 +172,7 @@ def profile_step(decoder, hooks, heads, neurons, reset) -> None:
     from torch.profiler import ProfilerActivity, profile
 
     decoder.masks.load(heads[:, 0], neurons[:, 0])
-    with sdpa_kernel(cuda_graph.CAPTURE_BACKENDS):
+    with sdpa_kernel(shared_prefix.ATTENTION_BACKENDS):
         reset()
         decoder._step(hooks)  # warm
         torch.cuda.synchronize()

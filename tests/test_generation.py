@@ -143,9 +143,9 @@ def test_padded_captured_steps_equal_eager_decoding(arch, monkeypatch):
     dense = generation.dense_generate_batch(model, prompts, limits, [])
     assert [d.tokens for d in dense] == [d.tokens for d in expected_dense]
     for got, want in zip(dense, expected_dense):
-        for a, b in zip(got.cache.layers, want.cache.layers):
-            torch.testing.assert_close(a.keys, b.keys)
-            torch.testing.assert_close(a.values, b.values)
+        for (keys, values), (want_keys, want_values) in zip(got.kv, want.kv):
+            torch.testing.assert_close(keys, want_keys)
+            torch.testing.assert_close(values, want_values)
     assert any(key[0] == "padded" for key in model._sparseact_decoders)
     assert generation.masked_after_dense_batch(model, dense, heads, neurons, []) == expected
     assert sum(key[0] == "shared" for key in model._sparseact_decoders) == 1  # one shape for all groups

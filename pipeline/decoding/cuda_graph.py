@@ -30,10 +30,11 @@ from torch.nn.attention import SDPBackend
 from pipeline.hooks import StepMasks, UnitHooks
 from pipeline.models.inputs import with_cache
 
-# Attention kernels a captured step may use (benchmarks/masked_step.py compares them)
-CAPTURE_BACKENDS_DEFAULT = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
-                            SDPBackend.MATH]
-CAPTURE_BACKENDS = CAPTURE_BACKENDS_DEFAULT
+# Attention kernels a captured step of this module may use, in PyTorch's order of preference.
+# Not cuDNN's: with a one-query step and a mask it ran a prefill kernel at half its bandwidth,
+# and each new shape costs a plan (Phi-2 shape, 256 questions, H200: 29.3 samples/s without,
+# 27.1 with; SmolLM2 shape 53.1 vs 46.6; benchmarks/RESULTS.md, session 4).
+CAPTURE_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 CHECK_EVERY = 8  # steps between "has every row finished?" checks on a GPU (each waits for it)
 
 
@@ -98,14 +99,11 @@ class CapturedDecoder:
                 hooks.masks = None
 
     def _capture(self, kv, first_input, heads, neurons, hooks, prefix_mask=None, positions=None) -> None:
-        # Every attention kernel may serve the captured step, cuDNN's too (its plan is built once
-        # here; a run may have switched it off for its eager passes, where each shape needs a plan):
-        # masked decoding took 8.5 s with it and 11.6-12.3 s without (Phi-2 shape, 256 questions, H200).
         from torch.nn.attention import sdpa_kernel
 
         if self.masks is not None:
             self.masks.load(heads[:, 0], neurons[:, 0])
-        with sdpa_kernel(CAPTURE_BACKENDS):  # enabled, in PyTorch's own order of preference
+        with sdpa_kernel(CAPTURE_BACKENDS):
             self.graph = capture(lambda: self._step(hooks),
                                  lambda: self._start(kv, first_input, prefix_mask, positions))  # undo the warm-up
 

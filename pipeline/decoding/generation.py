@@ -52,23 +52,39 @@ GROUP_MAX_ROWS = 2048
 
 @dataclass
 class DenseRun:
-    """A dense greedy run: its tokens and the cache of everything it fed the model."""
+    """A dense greedy run: its tokens and the keys and values of everything it fed the model."""
 
     prompt_ids: torch.Tensor  # 1-D, on the model's device
     tokens: list[int]
-    cache: DynamicCache | None  # batch 1, positions of prompt + tokens[:-1]; None: recompute when needed
+    # per layer (keys, values) [1, kv heads, positions of prompt + tokens[:-1], dim]; None: recompute when needed.
+    # Plain tensors, not a cache object: building transformers' cache costs ~4 ms of host time per run.
+    kv: list[tuple[torch.Tensor, torch.Tensor]] | None
 
     def prefix(self, model, steps: int) -> tuple[DynamicCache, torch.Tensor]:
-        """The cache and the next input after the prompt and the first ``steps`` dense tokens."""
-        fed = torch.cat([self.prompt_ids, torch.tensor(self.tokens[:steps], dtype=torch.long,
-                                                       device=self.prompt_ids.device)])
-        length = len(fed) - 1
-        if length == 0:
-            return DynamicCache(config=model.config), fed[-1:].view(1, 1)
-        if self.cache is None:  # a sliding-window layer had dropped early positions: recompute them
+        """The cache (batch 1) of the prompt and the first ``steps`` dense tokens but the last one,
+        and that last one: the next input ``[1, 1]``."""
+        fed = self._fed(steps)
+        if self.kv is None:  # a sliding-window layer had dropped early positions: recompute them
             return _encode(model, fed[:-1]), fed[-1:].view(1, 1)
-        return _cache_of(model, [(layer.keys[:, :, :length], layer.values[:, :, :length])
-                                 for layer in self.cache.layers]), fed[-1:].view(1, 1)
+        return _cache_of(model, self._kv(len(fed) - 1)), fed[-1:].view(1, 1)
+
+    def prefix_kv(self, model, steps: int) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
+        """``prefix`` as per-layer ``(keys, values)`` (empty for a one-token prefix), without a cache object."""
+        fed = self._fed(steps)
+        if self.kv is None:
+            return cached_kv(_encode(model, fed[:-1])), fed[-1:].view(1, 1)
+        return self._kv(len(fed) - 1), fed[-1:].view(1, 1)
+
+    def prefix_length(self, steps: int) -> int:
+        """Positions in ``prefix``: a sliding-window layer may hold fewer of them."""
+        return len(self.prompt_ids) + min(steps, len(self.tokens)) - 1
+
+    def _fed(self, steps: int) -> torch.Tensor:
+        return torch.cat([self.prompt_ids, torch.tensor(self.tokens[:steps], dtype=torch.long,
+                                                        device=self.prompt_ids.device)])
+
+    def _kv(self, length: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [(keys[:, :, :length], values[:, :, :length]) for keys, values in self.kv] if length else []
 
 
 def _cache_of(model, kv) -> DynamicCache:
@@ -201,26 +217,27 @@ def dense_generate_batch(model, prompts: list[torch.Tensor], max_new_tokens: lis
     if DENSE_GRAPHS and padded_graphs_enabled(model):
         captured = decode_captured_padded(model, cached_kv(cache), mask[:, :-1], mask.sum(1) - 1, ids[:, -1:],
                                           max(max_new_tokens), eos)
-    if captured is not None:  # the static cache is reused by the next call: each run keeps a copy
+    if captured is not None:
         tokens, cache = captured
         limits = torch.tensor(max_new_tokens, device=device)
         rows = [row[:n] for row, n in zip(tokens.tolist(), _lengths(tokens, eos, limits))]
-        complete, copy = True, True
+        complete = True
+        # the static cache is reused by the next call: the runs share one copy of the columns they use
+        used = width - 1 + max(map(len, rows), default=0)
+        cache = [(layer.keys[:, :, :used].clone(), layer.values[:, :, :used].clone()) for layer in cache.layers]
     else:
         rows = _decode_eager(model, cache, ids[:, -1:], eos, max_new_tokens, compact=False,
                              attention_mask=mask[:, :-1] if padded else None,
                              positions=mask.sum(1) - 1 if padded else None)
         # a sliding-window layer that dropped columns cannot be cut into rows: recomputed on use
-        complete, copy = all(layer.keys.shape[-2] == layer.get_seq_length() for layer in cache.layers), False
+        complete = all(layer.keys.shape[-2] == layer.get_seq_length() for layer in cache.layers)
+        cache = [(layer.keys, layer.values) for layer in cache.layers]
     runs = []
     for row, (prompt, tokens) in enumerate(zip(prompts, rows)):
         start = width - len(prompt)  # this row's columns, without its left padding
         end = start + len(prompt) - 1 + len(tokens)
-        kv = [(layer.keys[row:row + 1, :, start:end], layer.values[row:row + 1, :, start:end])
-              for layer in cache.layers]
-        if copy:
-            kv = [(keys.clone(), values.clone()) for keys, values in kv]
-        runs.append(DenseRun(prompt, tokens, _cache_of(model, kv) if complete and end > start else None))
+        kv = [(keys[row:row + 1, :, start:end], values[row:row + 1, :, start:end]) for keys, values in cache]
+        runs.append(DenseRun(prompt, tokens, kv if complete and end > start else None))
     return runs
 
 
@@ -311,20 +328,20 @@ def _padded_prefixes(model, items: list[_MaskedWork], device):
     Returns per-layer ``(keys, values)`` ``[rows, heads, width, dim]``, the padding mask
     ``[rows, width]``, each row's next position ``[rows]`` and first input ``[rows, 1]``.
     """
-    prefixes = [w.dense.prefix(model, w.shared) for w in items]
-    lengths = [prefix.get_seq_length() for prefix, _ in prefixes]
+    prefixes = [w.dense.prefix_kv(model, w.shared) for w in items]
+    lengths = [w.dense.prefix_length(w.shared) for w in items]
     width = max(lengths)
     counts = [len(w.active) for w in items]
     kv = []
-    filled = next((prefix for (prefix, _), length in zip(prefixes, lengths) if length), None)
-    for layer in range(len(filled.layers) if filled is not None else 0):
-        like = filled.layers[layer]
+    filled = next((kv for kv, _ in prefixes if kv), None)
+    for layer in range(len(filled) if filled is not None else 0):
+        like_keys, like_values = filled[layer]
         parts = []
         for (prefix, _), length, count in zip(prefixes, lengths, counts):
             if length:
-                keys, values = prefix.layers[layer].keys, prefix.layers[layer].values
+                keys, values = prefix[layer]
             else:  # a one-token prefix: nothing cached
-                keys, values = like.keys[:, :, :0], like.values[:, :, :0]
+                keys, values = like_keys[:, :, :0], like_values[:, :, :0]
             pad = (0, 0, width - keys.shape[-2], 0)
             parts.append((F.pad(keys, pad).expand(count, -1, -1, -1), F.pad(values, pad).expand(count, -1, -1, -1)))
         kv.append((torch.cat([k for k, _ in parts]), torch.cat([v for _, v in parts])))
@@ -357,8 +374,8 @@ def _masked_groups_shared(model, work: list[_MaskedWork], todo: list[int], eos, 
     captured step serves them: a sample with fewer active rows, and a group with fewer
     samples, leave rows that decode with nothing switched off and are dropped.
     """
-    prefixes = {i: work[i].dense.prefix(model, work[i].shared) for i in todo}
-    lengths = {i: prefix.get_seq_length() for i, (prefix, _) in prefixes.items()}
+    prefixes = {i: work[i].dense.prefix_kv(model, work[i].shared) for i in todo}
+    lengths = {i: work[i].dense.prefix_length(work[i].shared) for i in todo}
     left = {i: len(work[i].dense.tokens) - work[i].shared for i in todo}  # steps to decode
     rows = max(len(work[i].active) for i in todo)
     width = padded_capacity(max(lengths.values()))
@@ -382,7 +399,7 @@ def _masked_groups_shared(model, work: list[_MaskedWork], todo: list[int], eos, 
         neurons = per_row([_pad_steps(work[i].neurons, group_steps) for i in group], True)
         first = per_row([prefixes[i][1].expand(len(work[i].active), 1) for i in group], 0)
         positions = per_row([torch.full((len(work[i].active),), lengths[i], device=device) for i in group], 0)
-        tokens = decoder.decode([cached_kv(prefixes[i][0]) for i in group], first, positions, group_steps, eos,
+        tokens = decoder.decode([prefixes[i][0] for i in group], first, positions, group_steps, eos,
                                 heads, neurons, hooks)
         for slot, i in enumerate(group):
             w = work[i]

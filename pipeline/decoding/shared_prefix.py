@@ -32,11 +32,16 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from pipeline.decoding.cuda_graph import CAPTURE_BACKENDS, capture, replay_steps
+from torch.nn.attention import SDPBackend
+
+from pipeline.decoding.cuda_graph import capture, replay_steps
 from pipeline.hooks import StepMasks, UnitHooks
 from pipeline.models.inputs import attention_implementation, forward_arguments
 
 IMPLEMENTATION = "sparseact_shared_prefix"
+# Attention kernels of the captured step, in PyTorch's order of preference (its plan is built once, at capture)
+ATTENTION_BACKENDS = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                      SDPBackend.MATH]
 
 
 def kv_geometry(config) -> tuple[int, int, int, int]:
@@ -170,7 +175,7 @@ class SharedPrefixDecoder:
             self._start(prefixes, first_input, positions)
 
         self.masks.load(heads[:, 0], neurons[:, 0])
-        with sdpa_kernel(CAPTURE_BACKENDS):
+        with sdpa_kernel(ATTENTION_BACKENDS):
             self.graph = capture(lambda: self._step(hooks), reset)
 
     def decode(self, prefixes, first_input: torch.Tensor, positions: torch.Tensor, steps: int,
