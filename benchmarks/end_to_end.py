@@ -59,13 +59,12 @@ LEVERS = {
     "no_cudnn_attribution": ("pipeline.scores.exact_attention", "CUDNN_ATTENTION", True),
     "batch64": None,  # off: the former default GPU block of 16 samples
     # attention kernels of the captured decoding steps: off = cuDNN's first in the dense (padded) step,
-    # or in the masked (shared-prefix) step; or the unfused (math) one only in the dense step
+    # or none of cuDNN's in the masked (shared-prefix) step; or the unfused (math) one only in the dense step
     "capture_without_cudnn": ("pipeline.decoding.cuda_graph", "CAPTURE_BACKENDS",
                               [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
                                SDPBackend.MATH]),
-    "shared_without_cudnn": ("pipeline.decoding.shared_prefix", "ATTENTION_BACKENDS",
-                             [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
-                              SDPBackend.MATH]),
+    "shared_cudnn": ("pipeline.decoding.shared_prefix", "ATTENTION_BACKENDS",
+                     [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]),
     "capture_fused": ("pipeline.decoding.cuda_graph", "CAPTURE_BACKENDS", [SDPBackend.MATH]),
 }
 
