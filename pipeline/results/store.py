@@ -8,7 +8,9 @@
   A ``run.json`` whose contents no longer match its fingerprint (edited by hand) is
   refused too.
 * ``records.jsonl`` gets one line per (sample, metric, allocation, level), appended, flushed and
-  fsynced after every batch, so a killed run loses at most the batch in flight. A torn
+  fsynced after every batch, so a killed run loses at most the batch in flight (on a GPU, whose
+  records are written in a background thread, also the batch before it until that is written,
+  ``runner/callbacks.py``). A torn
   line is skipped on reading (and reported once), and a rerun skips samples already
   complete.
 * Summaries are written to a temporary file and renamed into place; a write that fails
