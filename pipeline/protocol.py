@@ -23,7 +23,7 @@ from pipeline.models.adapters import UnitLayout
 from pipeline.models.prompts import answer_length, prompt_ids
 from pipeline.results.record import ORACLE, Record, series_name
 from pipeline.results.summary import iou_reference
-from pipeline.scores.attribution import attribute_batch
+from pipeline.scores.attribution import UnitScores, attribute_batch
 from pipeline.scores.metrics import SCORES
 
 
@@ -99,7 +99,10 @@ def decode_batch(model, tokenizer, layout: UnitLayout, samples: list[Sample], te
     outputs = masked_after_dense_batch(model, dense, [h for h, _ in keeps], [n for _, n in keeps], stop_ids, hooks)
     stats = [_row_stats(layout, head_keep, neuron_keep, rows, protocol)
              for (head_keep, neuron_keep), rows in zip(keeps, outputs)]
-    raw = {s.id: sc for s, sc in zip(samples, scores)} if protocol.save_scores else {}
+    # on the host here: the records' host work may run in another thread, which must not use the GPU
+    # while this one captures CUDA graphs
+    raw = {s.id: {metric: UnitScores(u.heads.detach().float().cpu(), u.neurons.detach().float().cpu())
+                  for metric, u in sc.items()} for s, sc in zip(samples, scores)} if protocol.save_scores else {}
     return DecodedBatch(samples, [d.tokens for d in dense], outputs, stats, raw)
 
 

@@ -104,9 +104,7 @@ def test_padded_captured_steps_equal_eager_decoding(arch, monkeypatch):
     """The GPU path, run on the CPU with each captured step called instead of replayed: dense runs
     as one padded batch through a static cache, then the masked rows of several samples in
     shared-prefix groups of one shape, give the tokens (and dense caches) of the eager loops."""
-    import pipeline.decoding.cuda_graph as cuda_graph
     import pipeline.decoding.generation as generation
-    import pipeline.decoding.shared_prefix as shared_prefix
 
     model = tiny_model(arch)
     model.set_attn_implementation("sdpa")
@@ -126,19 +124,7 @@ def test_padded_captured_steps_equal_eager_decoding(arch, monkeypatch):
         neurons.append(n)
     expected = generation.masked_after_dense_batch(model, expected_dense, heads, neurons, [])
 
-    class Called:  # stands in for a captured graph
-        def __init__(self, decoder, hooks):
-            self.replay = lambda: decoder._step(hooks)
-
-    def capture(self, kv, first_input, heads, neurons, hooks, prefix_mask=None, positions=None):
-        self.graph = Called(self, hooks)
-
-    def capture_shared(self, prefixes, first_input, positions, heads, neurons, hooks):
-        self.graph = Called(self, hooks)
-
-    monkeypatch.setattr(cuda_graph, "graphs_enabled", lambda model: True)
-    monkeypatch.setattr(cuda_graph.CapturedDecoder, "_capture", capture)
-    monkeypatch.setattr(shared_prefix.SharedPrefixDecoder, "_capture", capture_shared)
+    _call_instead_of_capture(monkeypatch)
     monkeypatch.setattr(generation, "GROUP_MAX_ROWS", 8)  # two samples of 4 rows per group: one group half empty
     dense = generation.dense_generate_batch(model, prompts, limits, [])
     assert [d.tokens for d in dense] == [d.tokens for d in expected_dense]
@@ -149,6 +135,76 @@ def test_padded_captured_steps_equal_eager_decoding(arch, monkeypatch):
     assert any(key[0] == "padded" for key in model._sparseact_decoders)
     assert generation.masked_after_dense_batch(model, dense, heads, neurons, []) == expected
     assert sum(key[0] == "shared" for key in model._sparseact_decoders) == 1  # one shape for all groups
+
+
+def _call_instead_of_capture(monkeypatch):
+    """Captured steps allowed on the CPU: each 'replay' calls the step (the GPU path, run eagerly)."""
+    import pipeline.decoding.cuda_graph as cuda_graph
+    import pipeline.decoding.shared_prefix as shared_prefix
+
+    class Called:
+        def __init__(self, decoder, hooks):
+            self.replay = lambda: decoder._step(hooks)
+
+    def capture(self, kv, first_input, heads, neurons, hooks, prefix_mask=None, positions=None):
+        self.graph = Called(self, hooks)
+
+    def capture_shared(self, prefixes, first_input, positions, heads, neurons, hooks):
+        self.graph = Called(self, hooks)
+
+    monkeypatch.setattr(cuda_graph, "graphs_enabled", lambda model: not getattr(model, "_sparseact_no_graphs", False))
+    monkeypatch.setattr(cuda_graph.CapturedDecoder, "_capture", capture)
+    monkeypatch.setattr(shared_prefix.SharedPrefixDecoder, "_capture", capture_shared)
+
+
+def test_sliding_window_models_do_not_take_the_shared_prefix_step(monkeypatch):
+    """The shared-prefix step attends to every column of a sample; a model with sliding-window
+    layers (Gemma-3) keeps its window through the eager loop, here with dense runs whose cache
+    is recomputed (as lm-eval's are), the case that reached the shared step before."""
+    import pipeline.decoding.generation as generation
+
+    model = tiny_model("gemma3")
+    model.set_attn_implementation("sdpa")
+    layout = layout_for(model)
+    torch.manual_seed(1)
+    # prompts shorter than the window (4), answers that run past it
+    prompts = [torch.tensor([4, 19, 33]), torch.tensor([5, 6, 7])]
+    runs = [generation.DenseRun(p, d.tokens, None) for p, d in zip(prompts, generation.dense_generate_batch(
+        model, prompts, [8, 8], []))]
+    heads = [torch.rand(3, len(r.tokens), layout.num_layers, layout.num_heads) > 0.3 for r in runs]
+    neurons = [torch.rand(3, len(r.tokens), layout.num_layers, layout.num_neurons) > 0.4 for r in runs]
+    expected = generation.masked_after_dense_batch(model, runs, heads, neurons, [])
+    _call_instead_of_capture(monkeypatch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the per-sample captured step refuses sliding layers and says so
+        got = generation.masked_after_dense_batch(model, runs, heads, neurons, [])
+    assert got == expected
+    assert not any(key[0] == "shared" for key in model.__dict__.get("_sparseact_decoders", {}))
+
+
+def test_ctrl_c_inside_a_captured_step_is_not_taken_for_a_failed_capture(monkeypatch):
+    """Ctrl-C raises ``Interrupted`` wherever the run is; the fallback after a failed capture
+    (``except Exception``) must let it through instead of decoding on without graphs."""
+    import pipeline.decoding.generation as generation
+    import pipeline.decoding.shared_prefix as shared_prefix
+    from pipeline.runner.preemption import Interrupted
+
+    model = tiny_model("llama")
+    model.set_attn_implementation("sdpa")
+    layout = layout_for(model)
+    prompts = [torch.tensor([4, 19, 33]), torch.tensor([5, 6])]
+    dense = generation.dense_generate_batch(model, prompts, [4, 4], [])
+    heads = [torch.rand(2, 4, layout.num_layers, layout.num_heads) > 0.3 for _ in dense]
+    neurons = [torch.rand(2, 4, layout.num_layers, layout.num_neurons) > 0.3 for _ in dense]
+    _call_instead_of_capture(monkeypatch)
+
+    def interrupted(self, *args, **kwargs):
+        raise Interrupted()
+
+    monkeypatch.setattr(shared_prefix.SharedPrefixDecoder, "decode", interrupted)
+    with pytest.raises(Interrupted):
+        generation.masked_after_dense_batch(model, dense, heads, neurons, [])
+    assert not getattr(model, "_sparseact_no_graphs", False)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")

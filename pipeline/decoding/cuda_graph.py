@@ -197,7 +197,8 @@ def _without_graphs(model, error: Exception) -> None:
     warnings.warn(f"decoding without CUDA graphs for this model ({type(error).__name__}: {error})", stacklevel=3)
     model._sparseact_no_graphs = True
     model.__dict__.pop("_sparseact_decoders", None)
-    torch.cuda.synchronize()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
     return None
 
 

@@ -40,6 +40,7 @@ from pipeline.decoding.cuda_graph import (
     padded_capacity,
     padded_graphs_enabled,
 )
+from pipeline.decoding import shared_prefix
 from pipeline.decoding.shared_prefix import decoder_for, kv_geometry
 from pipeline.hooks import StepMasks, UnitHooks, using_hooks
 from pipeline.models.inputs import pad, position_ids, with_cache
@@ -290,7 +291,7 @@ def _masked_rows(model, dense, head_keep, neuron_keep, eos_token_ids, hooks: Uni
     todo = [i for i, w in enumerate(work) if w.active]
     if not todo:
         return outputs
-    if MASKED_GROUPS and padded_graphs_enabled(model):
+    if MASKED_GROUPS and padded_graphs_enabled(model) and shared_prefix.supports(model):
         try:
             _masked_groups_shared(model, work, todo, eos, outputs, hooks)
             return outputs

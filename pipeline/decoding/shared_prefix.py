@@ -56,6 +56,16 @@ def kv_geometry(config) -> tuple[int, int, int, int]:
     return config.num_hidden_layers, heads, kv_heads, head_dim
 
 
+def supports(model) -> bool:
+    """Whether the shared-prefix step computes this model's attention: SDPA, and no sliding-window
+    layer (the step attends to every column of a sample; a window would drop early ones)."""
+    from transformers import DynamicCache
+
+    if getattr(model.config, "_attn_implementation", None) != "sdpa":
+        return False
+    return not any(getattr(layer, "is_sliding", False) for layer in DynamicCache(config=model.config).layers)
+
+
 class SharedPrefixCache:
     """Keys and values of a group of ``samples`` samples with ``rows`` rows each.
 
@@ -137,6 +147,8 @@ class SharedPrefixDecoder:
     """
 
     def __init__(self, model, samples: int, rows: int, width: int, steps: int, layout, captured: bool = True):
+        if not supports(model):
+            raise NotImplementedError("the shared-prefix step needs SDPA attention without sliding windows")
         parameter = next(model.parameters())
         device = parameter.device
         self.model, self.captured = model, captured

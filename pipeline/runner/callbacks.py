@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -52,6 +53,7 @@ class RecordWriter(BasePredictionWriter):
         return self.run_dir / name
 
     def setup(self, trainer, pl_module, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
         if self.background is None:
             self.background = BACKGROUND_ON_ACCELERATORS and trainer.strategy.root_device.type != "cpu"
 
@@ -91,7 +93,8 @@ class RecordWriter(BasePredictionWriter):
     def on_exception(self, trainer, pl_module, exception) -> None:
         try:
             self.wait()  # what finished before the failure is kept
-        except Exception:  # noqa: BLE001 - the failure being handled is the one to report
-            pass
+        except Exception as error:  # noqa: BLE001 - the failure being handled is the one raised
+            print(f"the batch before the failure was not saved either: {type(error).__name__}: {error}",
+                  file=sys.stderr)
         finally:
             self._close()

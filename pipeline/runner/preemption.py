@@ -33,8 +33,9 @@ class Preempted(Exception):
         self.signum = signum
 
 
-class Interrupted(Exception):
-    """Ctrl-C during prediction."""
+class Interrupted(BaseException):
+    """Ctrl-C during prediction. Like ``KeyboardInterrupt``, not an ``Exception``: code that falls
+    back on errors (``except Exception``, e.g. a failed CUDA graph capture) must not swallow it."""
 
 
 class PreemptionCallback(L.Callback):
