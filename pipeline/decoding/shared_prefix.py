@@ -29,10 +29,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
-from torch.nn.attention import SDPBackend
 
 from pipeline.decoding.cuda_graph import capture, replay_steps
 from pipeline.hooks import StepMasks, UnitHooks
@@ -143,7 +142,7 @@ class SharedPrefixDecoder:
     """Greedy masked steps of ``samples`` x ``rows`` rows over a ``SharedPrefixCache``.
 
     On CUDA the step is captured once (``capture``) and replayed; ``captured=False`` calls
-    it eagerly (the CPU, and tests of this path).
+    it eagerly (tests of this path on the CPU).
     """
 
     def __init__(self, model, samples: int, rows: int, width: int, steps: int, layout, captured: bool = True):
@@ -184,8 +183,6 @@ class SharedPrefixDecoder:
             hooks.masks = None
 
     def _capture(self, prefixes, first_input, positions, heads, neurons, hooks: UnitHooks) -> None:
-        from torch.nn.attention import sdpa_kernel
-
         def reset():  # the warm-up step wrote a column and moved the counters
             self._start(prefixes, first_input, positions)
 
