@@ -227,17 +227,23 @@ def restore_levers(previous: dict) -> None:
         setattr(importlib.import_module(module_name), attribute, value)
 
 
-def flop_limit(shapes, metrics, levels, parameters, ig_steps, layers) -> float:
-    """FLOPs of one run as issue 14 counts them (forward 2N per token, backward twice that)."""
-    masked_rows = sum(1 for m in metrics for p in levels if p > 0 or m == "static")
+def attribution_flops(shapes, metrics, parameters, ig_steps, layers) -> float:
+    """FLOPs of the attribution passes: a forward and a backward over every attributed position
+    (3 x 2N per position), and with ig, that again per layer, unit kind and IG step."""
     total = 0.0
     for prompt, T in shapes:
         positions = prompt + T - 1
-        tokens = T + 3 * positions + masked_rows * T
-        if "ig" in metrics:
-            tokens += 2 * layers * ig_steps * 3 * positions
-        total += tokens * 2 * parameters
+        passes = 1 + (2 * layers * ig_steps if "ig" in metrics else 0)
+        total += passes * 3 * positions * 2 * parameters
     return total
+
+
+def flop_limit(shapes, metrics, levels, parameters, ig_steps, layers) -> float:
+    """FLOPs of one run as issue 14 counts them (forward 2N per token, backward twice that): the
+    dense steps, the attribution passes and every masked row's steps."""
+    masked_rows = sum(1 for m in metrics for p in levels if p > 0 or m == "static")
+    decoded = sum((1 + masked_rows) * T for _, T in shapes) * 2 * parameters
+    return decoded + attribution_flops(shapes, metrics, parameters, ig_steps, layers)
 
 
 def one_run(args, label: str, off: set[str], model_name: str, rate, gpus: int) -> dict:
@@ -293,8 +299,7 @@ def one_run(args, label: str, off: set[str], model_name: str, rate, gpus: int) -
             result["flop_limit_s"] = flops / rate
             result["parameters"] = parameters
             # the attribution phase's own rate (its passes and, with ig, the IG passes)
-            attribution = flop_limit(timer.shapes, metrics, [], parameters, args.ig_steps, config.num_hidden_layers)
-            attribution -= sum(T for _, T in timer.shapes) * 2 * parameters  # the dense steps are not in it
+            attribution = attribution_flops(timer.shapes, metrics, parameters, args.ig_steps, config.num_hidden_layers)
             result["attribution_share"] = attribution / max(result["phases"]["attribution"], 1e-9) / rate
     return result
 

@@ -121,7 +121,7 @@ def time_step(model, hooks, path: str, rows: int, args, flop_rate: float, byte_r
     eos = torch.empty(0, dtype=torch.long, device="cuda")
     if path == "shared":
         capacity = cuda_graph.padded_capacity(width)
-        decoder = decoder_for(model, samples, per_sample, capacity, steps, layout, captured=True)
+        decoder = decoder_for(model, samples, per_sample, capacity, steps, layout)
         prefixes = [[(k[s:s + 1], v[s:s + 1]) for k, v in kv] for s in range(samples)]
         positions = torch.full((rows,), width, device="cuda")
         call = lambda: decoder.decode(prefixes, first, positions, steps, eos, heads, neurons, hooks)  # noqa: E731

@@ -46,7 +46,8 @@ def main() -> None:
             gpu = " (GPU)" if row["where"] == "paper_ig" else ""
             print(f"| {model} | {dataset} | {metric}{gpu} | {row['samples']} | {fmt(*row['headline'])} | {at_half} |")
     # scores x allocations (README "How sparse can these SLMs get?"): the report's matrix and headroom table
-    allocation = [RunData(run_dir) for run_dir in find_runs([str(ROOT / "allocation")])]  # loaded once, used twice
+    allocation = ([RunData(run_dir) for run_dir in find_runs([str(ROOT / "allocation")])]  # loaded once, used twice
+                  if any((ROOT / "allocation").rglob("run.json")) else [])
     if allocation:
         print()
         print(text_report(allocation))

@@ -52,7 +52,7 @@ def test_more_steps_than_the_group_holds_is_refused():
     from conftest import tiny_model
 
     model = tiny_model("llama")
-    decoder = SharedPrefixDecoder(model, 1, 2, 0, 4, layout_for(model), captured=False)
+    decoder = SharedPrefixDecoder(model, 1, 2, 0, 4, layout_for(model))
     with pytest.raises(ValueError, match="5 steps do not fit"):
         decoder.decode([[]], torch.zeros(2, 1, dtype=torch.long), torch.zeros(2, dtype=torch.long), 5,
                        torch.tensor([]), None, None, None)

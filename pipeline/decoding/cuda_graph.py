@@ -25,7 +25,7 @@ from __future__ import annotations
 import warnings
 
 import torch
-from torch.nn.attention import SDPBackend
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from pipeline.hooks import StepMasks, UnitHooks
 from pipeline.models.inputs import with_cache
@@ -99,8 +99,6 @@ class CapturedDecoder:
                 hooks.masks = None
 
     def _capture(self, kv, first_input, heads, neurons, hooks, prefix_mask=None, positions=None) -> None:
-        from torch.nn.attention import sdpa_kernel
-
         if self.masks is not None:
             self.masks.load(heads[:, 0], neurons[:, 0])
         with sdpa_kernel(CAPTURE_BACKENDS):
@@ -158,6 +156,19 @@ def cached_kv(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per layer ``(keys, values)`` of a filled cache; empty for a one-token prompt (nothing cached)."""
     return [(layer.keys, layer.values) for layer in cache.layers
             if getattr(layer, "keys", None) is not None and layer.keys.numel()]
+
+
+def recent_decoder(model, key: tuple, kept: int, make):
+    """The model's decoder under ``key``, made by ``make()`` if missing. Of each kind (``key[0]``)
+    only the ``kept`` most recently used stay: their static caches are large."""
+    decoders = model.__dict__.setdefault("_sparseact_decoders", {})
+    decoder = decoders.pop(key, None)  # put back last: dicts keep insertion order, oldest first
+    if decoder is None:
+        for old in [k for k in decoders if k[0] == key[0]][: -kept + 1 or None]:
+            del decoders[old]
+        decoder = make()
+    decoders[key] = decoder
+    return decoder
 
 
 def padded_capacity(positions: int) -> int:
@@ -228,16 +239,9 @@ def decode_captured_padded(model, kv, prefix_mask: torch.Tensor, positions: torc
     rows, width = first_input.shape[0], prefix_mask.shape[1]
     masked = heads is not None
     capacity = padded_capacity(width + steps)
-    decoders = model.__dict__.setdefault("_sparseact_decoders", {})
-    key = ("padded", rows, masked, capacity)
     try:
-        decoder = decoders.get(key)
-        if decoder is None:
-            for old in [k for k in decoders if k[0] == "padded"][: -PADDED_DECODERS_KEPT + 1 or None]:
-                del decoders[old]  # oldest first (dicts keep insertion order)
-            decoder = decoders[key] = CapturedDecoder(model, rows, capacity, masked, hooks, padded=True)
-        else:  # most recently used last
-            decoders[key] = decoders.pop(key)
+        decoder = recent_decoder(model, ("padded", rows, masked, capacity), PADDED_DECODERS_KEPT,
+                                 lambda: CapturedDecoder(model, rows, capacity, masked, hooks, padded=True))
         return decoder.decode(kv, first_input, steps, eos, heads, neurons, hooks, prefix_mask, positions), decoder.cache
     except Exception as error:  # noqa: BLE001 - whatever fails to capture is decoded without graphs
         return _without_graphs(model, error)

@@ -366,8 +366,7 @@ def _group_samples(model, layout, rows: int, width: int, steps: int) -> int:
     return max(1, min(GROUP_MAX_ROWS // rows, budget // (cache + masks)))
 
 
-def _masked_groups_shared(model, work: list[_MaskedWork], todo: list[int], eos, outputs, hooks: UnitHooks,
-                          captured: bool = True) -> None:
+def _masked_groups_shared(model, work: list[_MaskedWork], todo: list[int], eos, outputs, hooks: UnitHooks) -> None:
     """Decode the masked rows of the samples ``todo``, many samples per step, each sample's
     prefix read once per step (``shared_prefix.py``).
 
@@ -385,29 +384,30 @@ def _masked_groups_shared(model, work: list[_MaskedWork], todo: list[int], eos, 
     order = sorted(todo, key=lambda i: (left[i], lengths[i]))
     count = -(-len(order) // _group_samples(model, hooks.layout, rows, width, steps))
     samples = -(-len(order) // count)
-    decoder = decoder_for(model, samples, rows, width, steps, hooks.layout, captured)
+    decoder = decoder_for(model, samples, rows, width, steps, hooks.layout)
     device = work[todo[0]].dense.prompt_ids.device
+
+    def per_row(values: list[torch.Tensor], fill) -> torch.Tensor:
+        """Each sample's block padded to ``rows`` rows, and the group to ``samples`` blocks."""
+        blocks = [torch.cat([v, v.new_full((rows - len(v), *v.shape[1:]), fill)]) for v in values]
+        blocks += [blocks[0].new_full(blocks[0].shape, fill)] * (samples - len(values))
+        return torch.cat(blocks)
+
     for start in range(0, len(order), samples):
         group = order[start:start + samples]
         group_steps = max(left[i] for i in group)
-
-        def per_row(values: list[torch.Tensor], fill) -> torch.Tensor:  # each sample's block padded to `rows` rows
-            blocks = [torch.cat([v, v.new_full((rows - len(v), *v.shape[1:]), fill)]) for v in values]
-            blocks += [blocks[0].new_full(blocks[0].shape, fill)] * (samples - len(group))
-            return torch.cat(blocks)
-
         heads = per_row([_pad_steps(work[i].heads, group_steps) for i in group], True)
         neurons = per_row([_pad_steps(work[i].neurons, group_steps) for i in group], True)
         first = per_row([prefixes[i][1].expand(len(work[i].active), 1) for i in group], 0)
         positions = per_row([torch.full((len(work[i].active),), lengths[i], device=device) for i in group], 0)
+        limits = per_row([torch.full((len(work[i].active),), left[i], device=device) for i in group], 0)
         tokens = decoder.decode([prefixes[i][0] for i in group], first, positions, group_steps, eos,
                                 heads, neurons, hooks)
+        decoded = [row[:n] for row, n in zip(tokens.tolist(), _lengths(tokens, eos, limits))]  # one wait per group
         for slot, i in enumerate(group):
             w = work[i]
-            mine = tokens[slot * rows: slot * rows + len(w.active)]
-            limits = torch.full((len(w.active),), left[i], device=device)
-            for row, n, decoded in zip(w.active, _lengths(mine, eos, limits), mine.tolist()):
-                outputs[i][row] = w.dense.tokens[:w.shared] + decoded[:n]
+            for k, row in enumerate(w.active):
+                outputs[i][row] = w.dense.tokens[:w.shared] + decoded[slot * rows + k]
 
 
 @torch.no_grad()

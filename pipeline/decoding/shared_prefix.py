@@ -33,7 +33,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from pipeline.decoding.cuda_graph import capture, replay_steps
+from pipeline.decoding.cuda_graph import capture, recent_decoder, replay_steps
 from pipeline.hooks import StepMasks, UnitHooks
 from pipeline.models.inputs import attention_implementation, forward_arguments
 
@@ -141,16 +141,15 @@ AttentionMaskInterface.register(IMPLEMENTATION, sdpa_mask)  # unused: the step p
 class SharedPrefixDecoder:
     """Greedy masked steps of ``samples`` x ``rows`` rows over a ``SharedPrefixCache``.
 
-    On CUDA the step is captured once (``capture``) and replayed; ``captured=False`` calls
-    it eagerly (tests of this path on the CPU).
+    The step is captured once (``capture``), at the first ``decode``, and replayed.
     """
 
-    def __init__(self, model, samples: int, rows: int, width: int, steps: int, layout, captured: bool = True):
+    def __init__(self, model, samples: int, rows: int, width: int, steps: int, layout):
         if not supports(model):
             raise NotImplementedError("the shared-prefix step needs SDPA attention without sliding windows")
         parameter = next(model.parameters())
         device = parameter.device
-        self.model, self.captured = model, captured
+        self.model = model
         self.cache = SharedPrefixCache(model.config, samples, rows, width, steps, parameter.dtype, device)
         batch = samples * rows
         self.input_ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
@@ -202,23 +201,15 @@ class SharedPrefixDecoder:
         if steps > self.cache.steps:
             raise ValueError(f"{steps} steps do not fit the group's {self.cache.steps} columns per row")
         self._start(prefixes, first_input, positions)
-        if self.captured and self.graph is None:
+        if self.graph is None:
             self._capture(prefixes, first_input, positions, heads, neurons, hooks)
-        replay = self.graph.replay if self.captured else lambda: self._step(hooks)
-        return replay_steps(replay, self.next_token, self.masks, heads, neurons, steps, eos)
+        return replay_steps(self.graph.replay, self.next_token, self.masks, heads, neurons, steps, eos)
 
 
 DECODERS_KEPT = 2  # a group's cache is large: keep the most recently used few
 
 
-def decoder_for(model, samples: int, rows: int, width: int, steps: int, layout, captured: bool) -> SharedPrefixDecoder:
+def decoder_for(model, samples: int, rows: int, width: int, steps: int, layout) -> SharedPrefixDecoder:
     """The model's decoder of this group shape (made, and captured at its first use, once)."""
-    decoders = model.__dict__.setdefault("_sparseact_decoders", {})
-    key = ("shared", samples, rows, width, steps, captured)
-    decoder = decoders.pop(key, None)  # re-inserted last: dicts keep insertion order, oldest first
-    if decoder is None:
-        for old in [k for k in decoders if k[0] == "shared"][: -DECODERS_KEPT + 1 or None]:
-            del decoders[old]
-        decoder = SharedPrefixDecoder(model, samples, rows, width, steps, layout, captured)
-    decoders[key] = decoder
-    return decoder
+    return recent_decoder(model, ("shared", samples, rows, width, steps), DECODERS_KEPT,
+                          lambda: SharedPrefixDecoder(model, samples, rows, width, steps, layout))

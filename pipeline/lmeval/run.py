@@ -102,7 +102,9 @@ def tasks_content_sha256(task_dict: dict, limit: float | None) -> str:
     task's Python functions) and the documents evaluated (the first ``limit``, as lm-eval takes
     them). Paths (where the YAML or the data lives) are left out: the same tasks on the same
     documents in another checkout are the same run; an edited prompt or data file is not."""
-    import math
+    from itertools import islice
+
+    from lm_eval.evaluator_utils import get_sample_size
 
     digest = hashlib.sha256()
 
@@ -114,10 +116,8 @@ def tasks_content_sha256(task_dict: dict, limit: float | None) -> str:
             config = dict(task.dump_config())
             config["metadata"] = {k: v for k, v in (config.get("metadata") or {}).items()
                                   if k not in ("config_source", "data_dir")}
-            docs = list(task.eval_docs)
-            n = len(docs) if limit is None else int(math.ceil(len(docs) * limit)) if limit < 1 else int(limit)
             digest.update(json.dumps([str(name), config], sort_keys=True, default=str).encode())
-            for doc in docs[:n]:
+            for doc in islice(task.eval_docs, get_sample_size(task, limit)):  # lm-eval's own limit rule
                 digest.update(json.dumps(doc, sort_keys=True, default=str).encode())
 
     add(task_dict)
