@@ -80,6 +80,7 @@ class Timer:
         self.first_batch = None
         self.teardown_start = None
         self.shapes = []  # per sample: (prompt tokens, dense tokens)
+        self.captures = [0, 0.0]  # CUDA graphs captured, and their seconds (inside the phases above)
         self._undo = []
 
     def _edge(self):
@@ -161,6 +162,24 @@ def install(timer: Timer) -> None:
     timer.wrap(run_module, "write_summary", "writing")
     timer.wrap(run_module, "plot_curves", "writing")
     timer.wrap(strategy_module.Strategy, "teardown", "teardown", before=teardown_start)
+    import pipeline.decoding.cuda_graph as cuda_graph_module
+    import pipeline.decoding.shared_prefix as shared_prefix_module
+
+    for owner in (cuda_graph_module, shared_prefix_module):  # each imported `capture` by name
+        original = owner.capture
+
+        def counted(step, reset, original=original):
+            timer._edge()
+            start = time.perf_counter()
+            try:
+                return original(step, reset)
+            finally:
+                timer._edge()
+                timer.captures[0] += 1
+                timer.captures[1] += time.perf_counter() - start
+
+        owner.capture = counted
+        timer._undo.append((owner, "capture", original))
 
 
 class GpuBusy:
@@ -269,10 +288,19 @@ def one_run(args, label: str, off: set[str], model_name: str, rate, gpus: int) -
     previous = set_levers(off)
     timer = Timer(args.sync)
     install(timer)
+    profiler = None
+    if args.profile and int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        import cProfile
+
+        profiler = cProfile.Profile()
     try:
         with GpuBusy() as busy:
             start = time.perf_counter()
+            if profiler:
+                profiler.enable()
             run_module.evaluate(model_config, data, protocol, run_config)
+            if profiler:
+                profiler.disable()
             total = time.perf_counter() - start
     finally:
         timer.undo()
@@ -287,7 +315,9 @@ def one_run(args, label: str, off: set[str], model_name: str, rate, gpus: int) -
     samples = len(timer.shapes)
     result = {"label": label, "off": sorted(off), "total_s": total, "prediction_s": prediction, "samples": samples,
               "phases": dict(timer.seconds), "background": dict(timer.background), "busy": busy.fraction(timer.first_batch or start, end_of_prediction),
-              "shapes": timer.shapes, "metrics": metrics, "levels": protocol.levels}
+              "shapes": timer.shapes, "metrics": metrics, "levels": protocol.levels, "captures": timer.captures}
+    if profiler:
+        write_profile(profiler, Path(args.profile), label)
     if rate:
         from transformers import AutoConfig
 
@@ -302,6 +332,21 @@ def one_run(args, label: str, off: set[str], model_name: str, rate, gpus: int) -
             attribution = attribution_flops(timer.shapes, metrics, parameters, args.ig_steps, config.num_hidden_layers)
             result["attribution_share"] = attribution / max(result["phases"]["attribution"], 1e-9) / rate
     return result
+
+
+def write_profile(profiler, folder: Path, label: str) -> None:
+    """The run's functions by cumulative and by own time (main thread), as text files."""
+    import io
+    import pstats
+
+    folder.mkdir(parents=True, exist_ok=True)
+    runs = len(list(folder.glob("profile_*.txt")))
+    text = io.StringIO()
+    stats = pstats.Stats(profiler, stream=text)
+    stats.sort_stats("cumulative").print_stats(70)
+    stats.sort_stats("tottime").print_stats(50)
+    name = label.replace(":", "_").replace("+", "_")
+    (folder / f"profile_{runs}_{name}.txt").write_text(text.getvalue())
 
 
 def _non_embedding_parameters(config) -> float:
@@ -325,6 +370,8 @@ def report(result: dict, rate) -> list[str]:
         lines.append("    in the record writer's thread, overlapping the above: "
                      + "  ".join(f"{name} {seconds:.2f} s" for name, seconds in result["background"].items()))
     extra = []
+    if result.get("captures", [0])[0]:
+        extra.append(f"{result['captures'][0]} CUDA graphs captured in {result['captures'][1]:.2f} s")
     if result.get("busy") is not None:
         extra.append(f"GPU busy {result['busy']:.0%} over the prediction (NVML)")
     if result.get("flop_limit_s"):
@@ -362,6 +409,7 @@ def main():
     parser.add_argument("--workdir", default="/tmp/sparseact-e2e")
     parser.add_argument("--json", default=None, help="also write every result to this file")
     parser.add_argument("--no-record", action="store_true")
+    parser.add_argument("--profile", default=None, help="folder: a cProfile of each run (rank 0's main thread)")
     args = parser.parse_args()
     Path(args.workdir).mkdir(parents=True, exist_ok=True)
     model_name = args.model

@@ -10,13 +10,14 @@ import math
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 from pipeline.config import ProtocolConfig
 from pipeline.data.sources import Sample
 from pipeline.hooks import UnitHooks
 from pipeline.decoding.generation import dense_generate_batch, masked_after_dense_batch
 from pipeline.masks.allocation import allocate
-from pipeline.masks.masks import achieved_sparsity
+from pipeline.masks.masks import kept_counts, sparsity_of_counts
 from pipeline.masks.static import threshold_masks
 from pipeline.measures import bleu_vs_dense, task_score, token_agreement
 from pipeline.models.adapters import UnitLayout
@@ -94,11 +95,12 @@ def decode_batch(model, tokenizer, layout: UnitLayout, samples: list[Sample], te
     # Scores [T, layers, units] per metric and sample.
     scores = _attribute_fitting(model, prompts, [torch.tensor(d.tokens) for d in dense], protocol, hooks)
 
-    # Keep masks [rows = metrics x allocations x levels, T, layers, units] per sample; every row decodes.
-    keeps = [_keep_masks(sample_scores, protocol, thresholds, layer_levels) for sample_scores in scores]
-    outputs = masked_after_dense_batch(model, dense, [h for h, _ in keeps], [n for _, n in keeps], stop_ids, hooks)
-    stats = [_row_stats(layout, head_keep, neuron_keep, rows, protocol)
-             for (head_keep, neuron_keep), rows in zip(keeps, outputs)]
+    # Keep masks [rows = metrics x allocations x levels, tokens of every sample, layers, units]; every row decodes.
+    lengths = [len(d.tokens) for d in dense]
+    head_keep, neuron_keep = _keep_masks(scores, lengths, protocol, thresholds, layer_levels)
+    outputs = masked_after_dense_batch(model, dense, head_keep.split(lengths, 1), neuron_keep.split(lengths, 1),
+                                       stop_ids, hooks)
+    stats = _row_stats(layout, head_keep, neuron_keep, lengths, outputs, protocol)
     # on the host here: the records' host work may run in another thread, which must not use the GPU
     # while this one captures CUDA graphs
     raw = {s.id: {metric: UnitScores(u.heads.detach().float().cpu(), u.neurons.detach().float().cpu())
@@ -123,44 +125,77 @@ def _attribute_fitting(model, prompts, labels, protocol: ProtocolConfig, hooks: 
 
 
 def _keep(variant, importance: torch.Tensor, kind: str, levels, thresholds, layer_levels) -> torch.Tensor:
-    """Keep masks ``[levels, T, layers, units]`` of one (metric, allocation, normalisation) and unit kind."""
+    """Keep masks ``[levels, tokens, layers, units]`` of one (metric, allocation, normalisation) and unit kind."""
     metric, allocation, normalize = variant
     if SCORES[metric].thresholds:
         return threshold_masks(importance, thresholds[kind])
     return allocate(allocation, importance, levels, normalize, (layer_levels or {}).get(metric))
 
 
-def _keep_masks(scores, protocol: ProtocolConfig, thresholds, layer_levels=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keep masks ``[variants x levels, T, layers, units]`` of one sample, variant by variant."""
+MASK_CHUNK_ELEMENTS = 2**28  # scores allocated at once: bounds the sort's temporaries (int64 ranks: 2 GiB)
+
+
+def _keep_masks(scores: list[dict], lengths: list[int], protocol: ProtocolConfig, thresholds,
+                layer_levels=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keep masks ``[variants x levels, tokens, layers, units]`` of a batch, its samples' tokens one
+    after the other (``lengths`` tokens each).
+
+    Every allocation decides token by token, so the tokens of all samples are allocated in
+    one call per variant and unit kind (per sample, 640 small calls per batch of 64 kept
+    the GPU waiting on the host), in chunks of tokens that bound the sort's memory.
+    """
     levels, variants = protocol.levels, protocol.variants()
-    head_keep = torch.cat([_keep(v, scores[v[0]].heads, "heads", levels, thresholds, layer_levels) for v in variants])
-    neuron_keep = torch.cat([_keep(v, scores[v[0]].neurons, "neurons", levels, thresholds, layer_levels)
-                             for v in variants])
-    if protocol.dense_first_step:
-        head_keep[:, 0] = True
-        neuron_keep[:, 0] = True
-    return head_keep, neuron_keep
+    masks = []
+    for kind in ("heads", "neurons"):
+        joined = {metric: torch.cat([getattr(sample[metric], kind) for sample in scores]) for metric in
+                  dict.fromkeys(v[0] for v in variants)}
+        tokens, layers, units = next(iter(joined.values())).shape
+        keep = torch.empty(len(variants) * len(levels), tokens, layers, units, dtype=torch.bool,
+                           device=next(iter(joined.values())).device)
+        chunk = max(1, MASK_CHUNK_ELEMENTS // (layers * units))
+        for v, variant in enumerate(variants):
+            for start in range(0, tokens, chunk):
+                keep[v * len(levels):(v + 1) * len(levels), start:start + chunk] = _keep(
+                    variant, joined[variant[0]][start:start + chunk], kind, levels, thresholds, layer_levels)
+        del joined
+        if protocol.dense_first_step:
+            keep[:, _starts(lengths)] = True
+        masks.append(keep)
+    return masks[0], masks[1]
 
 
-def _row_stats(layout, head_keep: torch.Tensor, neuron_keep: torch.Tensor, outputs, protocol) -> RowStats:
-    """Each row's sparsity per step, kept fractions per layer over its decoded steps, and mask
-    overlap with the oracle.
+def _starts(lengths: list[int]) -> list[int]:
+    """Where each sample's tokens start in a batch's tokens."""
+    return [sum(lengths[:i]) for i in range(len(lengths))]
 
-    Computed where the masks are (counts, not the masks, come to the CPU).
+
+def _row_stats(layout, head_keep: torch.Tensor, neuron_keep: torch.Tensor, lengths: list[int], outputs,
+               protocol) -> list[RowStats]:
+    """Per sample, each row's sparsity per step, kept fractions per layer over its decoded steps, and
+    mask overlap with the oracle, from a batch's keep masks (``_keep_masks``).
+
+    Computed where the masks are, for the whole batch at once; counts, not masks, come to the
+    CPU, in one transfer per kind of number. Every number is a count of 0/1 entries (exact in
+    any order of summation) divided once, so it does not depend on how samples are batched.
     """
     device = head_keep.device
-    lengths = [max(1, len(tokens)) for tokens in outputs]
-    steps = torch.tensor(lengths, device=device)
-    rows = torch.arange(len(outputs), device=device)
+    starts = _starts(lengths)
+    decoded = torch.tensor([[max(1, len(tokens)) for tokens in rows] for rows in outputs])  # [samples, rows]
+    first = torch.tensor(starts)[:, None]
+    head_counts, neuron_counts = kept_counts(head_keep), kept_counts(neuron_keep)  # [rows, tokens, layers]
 
-    def kept(keep: torch.Tensor) -> torch.Tensor:  # [rows, layers]: kept units over the first n steps / (n x units)
-        counts = keep.sum(-1).cumsum(1)[rows, steps - 1]
-        return (counts.float() / (steps * keep.shape[-1]).float()[:, None]).cpu()
+    def kept(counts: torch.Tensor, units: int) -> torch.Tensor:  # [samples, rows, layers]: kept over the first n steps / (n x units)
+        running = F.pad(counts.cumsum(1), (0, 0, 1, 0))  # [rows, 1 + tokens, layers]: kept before each token
+        rows = torch.arange(counts.shape[0])
+        counts = running[rows, (first + decoded).to(device)] - running[rows, first.expand_as(decoded).to(device)]
+        return (counts.float() / (decoded.to(device) * units).float()[..., None]).cpu()
 
     variants = [(v, p) for v in protocol.variants() for p in protocol.levels]
-    overlaps = oracle_overlap(head_keep, neuron_keep, variants, lengths)
-    return RowStats(achieved_sparsity(head_keep, neuron_keep, layout).cpu(), kept(head_keep), kept(neuron_keep),
-                    overlaps)
+    overlaps = oracle_overlaps(head_keep, neuron_keep, variants, lengths, decoded.tolist())
+    sparsity = sparsity_of_counts(head_counts, neuron_counts, layout).cpu()  # [rows, tokens]
+    kept_heads, kept_neurons = kept(head_counts, head_keep.shape[-1]), kept(neuron_counts, neuron_keep.shape[-1])
+    return [RowStats(sparsity[:, start:start + length].clone(), kept_heads[s], kept_neurons[s], overlaps[s])
+            for s, (start, length) in enumerate(zip(starts, lengths))]
 
 
 def _rounded(values: list[float]) -> list[float]:
@@ -221,13 +256,23 @@ def oracle_overlap(head_keep, neuron_keep, rows, steps) -> list[dict | None]:
     """Per row: for a label-free score's row, ``{oracle series: {"heads": IoU, "neurons": IoU}}``
     (``mask_iou``) with the ``ORACLE`` row of the same requested level under the same allocation
     (``iou_reference``), over the steps the label-free row decoded; None for other rows and when
-    the run lacks that oracle row.
+    the run lacks that oracle row. Masks ``[rows, T, layers, units]`` of one sample; ``steps``
+    per row.
 
     Done here because all masks of a sample are in memory; records keep only per-layer kept
     fractions, and recomputing masks from saved raw scores would need ``save_scores`` (large
     files) and a second copy of the allocation step (calibrated levels, static thresholds,
-    dense first step). All pairs are counted at once on the device and their counts come to
-    the host in one transfer (on an H200 one small wait per pair took ~2 s per 256 questions).
+    dense first step).
+    """
+    return oracle_overlaps(head_keep, neuron_keep, rows, [head_keep.shape[1]], [steps])[0]
+
+
+def oracle_overlaps(head_keep, neuron_keep, rows, lengths: list[int], steps: list[list[int]]) -> list[list]:
+    """``oracle_overlap`` of every sample of a batch: masks ``[rows, tokens, layers, units]`` with
+    ``lengths`` tokens per sample, ``steps`` ``[samples][rows]``.
+
+    All pairs of all samples are counted on the device and their counts come to the host in one
+    transfer (on an H200 one small wait per pair took ~2 s per 256 questions).
     """
     index = {(series_name(*variant), level): i for i, (variant, level) in enumerate(rows) if variant[0] == ORACLE}
     pairs = []  # (label-free row, oracle row, oracle series)
@@ -236,19 +281,27 @@ def oracle_overlap(head_keep, neuron_keep, rows, steps) -> list[dict | None]:
         j = index.get((reference, level))
         if j is not None and SCORES[metric].label_free:
             pairs.append((i, j, reference))
-    found: list[dict | None] = [None] * len(rows)
+    found = [[None] * len(rows) for _ in lengths]
     if not pairs:
         return found
     device = head_keep.device
-    mine, oracle = (torch.tensor([pair[k] for pair in pairs], device=device) for k in (0, 1))
-    within = torch.arange(head_keep.shape[1], device=device) < torch.tensor([steps[i] for i, _, _ in pairs],
-                                                                              device=device)[:, None]
-    counts = []  # per kind: [pairs, 2, T, layers]; past a row's steps nothing counts as switched off
-    for keep in (head_keep, neuron_keep):
-        off, other_off = ~keep[mine], ~keep[oracle]
-        counts.append(torch.stack([(off & other_off).sum(-1), (off | other_off).sum(-1) * within[..., None]], 1))
-    counts = torch.stack(counts, 1).cpu()  # [pairs, kind, 2, T, layers]
-    for k, (i, _, reference) in enumerate(pairs):
-        heads, neurons = (_iou_of(counts[k, kind, 0], counts[k, kind, 1]) for kind in (0, 1))
-        found[i] = {reference: {"heads": heads, "neurons": neurons}}
+    # within[k, token]: the token is one of the steps pair k's label-free row decoded in its sample;
+    # past them nothing counts as switched off
+    sample = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+    step = torch.arange(len(sample)) - torch.tensor(_starts(lengths))[sample]
+    decoded = torch.tensor(steps)[:, [i for i, _, _ in pairs]]  # [samples, pairs]
+    within = (step[None, :] < decoded[sample].T).to(device)  # [pairs, tokens]
+    counts = []  # per pair: [kind, 2, tokens, layers]
+    for k, (i, j, _) in enumerate(pairs):
+        per_kind = []
+        for keep in (head_keep, neuron_keep):
+            off, other_off = ~keep[i], ~keep[j]
+            per_kind.append(torch.stack([(off & other_off).sum(-1), (off | other_off).sum(-1) * within[k, :, None]]))
+        counts.append(torch.stack(per_kind))
+    counts = torch.stack(counts).cpu()  # [pairs, kind, 2, tokens, layers]
+    for s, (start, length) in enumerate(zip(_starts(lengths), lengths)):
+        for k, (i, _, reference) in enumerate(pairs):
+            heads, neurons = (_iou_of(counts[k, kind, 0, start:start + length], counts[k, kind, 1, start:start + length])
+                              for kind in (0, 1))
+            found[s][i] = {reference: {"heads": heads, "neurons": neurons}}
     return found
