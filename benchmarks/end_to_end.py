@@ -265,7 +265,7 @@ def flop_limit(shapes, metrics, levels, parameters, ig_steps, layers) -> float:
     return decoded + attribution_flops(shapes, metrics, parameters, ig_steps, layers)
 
 
-def one_run(args, label: str, off: set[str], model_name: str, rate, gpus: int) -> dict:
+def one_run(args, label: str, off: set[str], model_name: str, rate, gpus: int, first_question: int = 0) -> dict:
     from pipeline.config import DataConfig, ModelConfig, ProtocolConfig, RunConfig
     from pipeline.scores.metrics import DEFAULT_METRICS
 
@@ -275,8 +275,8 @@ def one_run(args, label: str, off: set[str], model_name: str, rate, gpus: int) -
         import shutil
 
         shutil.rmtree(out)
-    data = (DataConfig(dataset="demo", limit=args.questions) if args.data == "demo" else
-            DataConfig(dataset="truthfulqa", path=args.data, limit=args.questions))
+    data = (DataConfig(dataset="demo", start=first_question, limit=args.questions) if args.data == "demo" else
+            DataConfig(dataset="truthfulqa", path=args.data, start=first_question, limit=args.questions))
     batch = args.batch_size or (16 if "batch64" in off and torch.cuda.is_available() else None)
     accelerator = "gpu" if torch.cuda.is_available() else "cpu"
     run_config = RunConfig(output_dir=str(out), accelerator=accelerator, devices=gpus, progress=False,
@@ -315,7 +315,8 @@ def one_run(args, label: str, off: set[str], model_name: str, rate, gpus: int) -
     samples = len(timer.shapes)
     result = {"label": label, "off": sorted(off), "total_s": total, "prediction_s": prediction, "samples": samples,
               "phases": dict(timer.seconds), "background": dict(timer.background), "busy": busy.fraction(timer.first_batch or start, end_of_prediction),
-              "shapes": timer.shapes, "metrics": metrics, "levels": protocol.levels, "captures": timer.captures}
+              "shapes": timer.shapes, "metrics": metrics, "levels": protocol.levels, "captures": timer.captures,
+              "first_question": first_question}
     if profiler:
         write_profile(profiler, Path(args.profile), label)
     if rate:
@@ -362,7 +363,7 @@ def report(result: dict, rate) -> list[str]:
     total = result["total_s"]
     phases = dict(result["phases"])
     phases["other"] = max(0.0, total - sum(phases.values()))
-    lines = [f"[{result['label']}] levers switched: {', '.join(result['off']) or 'none'}; {result['samples']} samples; "
+    lines = [f"[{result['label']}]{' (new questions)' if result.get('first_question') else ''} levers switched: {', '.join(result['off']) or 'none'}; {result['samples']} samples; "
              f"run {total:.1f} s, prediction {result['prediction_s']:.2f} s = "
              f"{result['samples'] / result['prediction_s']:.2f} samples/s"]
     lines.append("    " + "  ".join(f"{name} {seconds:.2f} s ({seconds / total:.0%})" for name, seconds in phases.items()))
@@ -409,6 +410,8 @@ def main():
     parser.add_argument("--workdir", default="/tmp/sparseact-e2e")
     parser.add_argument("--json", default=None, help="also write every result to this file")
     parser.add_argument("--no-record", action="store_true")
+    parser.add_argument("--new-questions", action="store_true",
+                        help="each run of the process takes the next questions (no shape seen before)")
     parser.add_argument("--profile", default=None, help="folder: a cProfile of each run (rank 0's main thread)")
     args = parser.parse_args()
     Path(args.workdir).mkdir(parents=True, exist_ok=True)
@@ -420,7 +423,7 @@ def main():
     rate = matmul_rate()
     print(f"pipeline from {Path(protocol_module.__file__).parent}; imports {IMPORT_S:.1f} s")
     results, lines = [], []
-    for variant in args.variants:
+    for number, variant in enumerate(args.variants):
         off = set(LEVERS) if variant == "none" else set(variant.split(":", 1)[1].split("+")) \
             if variant.startswith("off:") else set()
         if variant.startswith("on:"):  # switch on levers that are off by default
@@ -428,7 +431,8 @@ def main():
         unknown = off - set(LEVERS)
         if unknown:
             raise SystemExit(f"unknown lever(s) {sorted(unknown)}; choose from {', '.join(LEVERS)}")
-        result = one_run(args, variant, off, model_name, rate, args.gpus)
+        result = one_run(args, variant, off, model_name, rate, args.gpus,
+                         number * args.questions if args.new_questions else 0)
         if int(os.environ.get("LOCAL_RANK", "0")) != 0:
             Path(args.workdir, f"phases_{variant}.rank{os.environ['LOCAL_RANK']}.json").write_text(json.dumps(result))
             continue

@@ -29,7 +29,7 @@ from common import matmul_rate  # noqa: E402
 
 import pipeline.decoding.cuda_graph as cuda_graph  # noqa: E402
 import pipeline.decoding.shared_prefix as shared_prefix  # noqa: E402
-from pipeline.decoding.shared_prefix import decoder_for, kv_geometry  # noqa: E402
+from pipeline.decoding.shared_prefix import Prefix, decoder_for, kv_geometry  # noqa: E402
 from pipeline.hooks import UnitHooks  # noqa: E402
 from pipeline.models.adapters import layout_for  # noqa: E402
 
@@ -122,7 +122,7 @@ def time_step(model, hooks, path: str, rows: int, args, flop_rate: float, byte_r
     if path == "shared":
         capacity = cuda_graph.padded_capacity(width)
         decoder = decoder_for(model, samples, per_sample, capacity, steps, layout)
-        prefixes = [[(k[s:s + 1], v[s:s + 1]) for k, v in kv] for s in range(samples)]
+        prefixes = [Prefix(kv, s, 0, width) for s in range(samples)]
         positions = torch.full((rows,), width, device="cuda")
         call = lambda: decoder.decode(prefixes, first, positions, steps, eos, heads, neurons, hooks)  # noqa: E731
         read = samples * capacity + rows * steps  # every sample's prefix once, every row's own columns

@@ -86,6 +86,13 @@ class DenseRun:
             return cached_kv(_encode(model, fed[:-1])), fed[-1:].view(1, 1)
         return self._kv(len(fed) - 1), fed[-1:].view(1, 1)
 
+    def shared_prefix(self, model, steps: int) -> tuple[shared_prefix.Prefix, torch.Tensor]:
+        """``prefix_kv`` as a ``Prefix`` of the batch's keys and values, without slicing them."""
+        fed = self._fed(steps)
+        if self.batch_kv is None:
+            return shared_prefix.Prefix(cached_kv(_encode(model, fed[:-1])), 0, 0, len(fed) - 1), fed[-1:].view(1, 1)
+        return shared_prefix.Prefix(self.batch_kv, self.row, self.start, len(fed) - 1), fed[-1:].view(1, 1)
+
     def prefix_length(self, steps: int) -> int:
         """Positions in ``prefix``: a sliding-window layer may hold fewer of them."""
         return len(self.prompt_ids) + min(steps, len(self.tokens)) - 1
@@ -381,7 +388,7 @@ def _masked_groups_shared(model, work: list[_MaskedWork], todo: list[int], eos, 
     captured step serves them: a sample with fewer active rows, and a group with fewer
     samples, leave rows that decode with nothing switched off and are dropped.
     """
-    prefixes = {i: work[i].dense.prefix_kv(model, work[i].shared) for i in todo}
+    prefixes = {i: work[i].dense.shared_prefix(model, work[i].shared) for i in todo}
     lengths = {i: work[i].dense.prefix_length(work[i].shared) for i in todo}
     left = {i: len(work[i].dense.tokens) - work[i].shared for i in todo}  # steps to decode
     rows = max(len(work[i].active) for i in todo)
