@@ -103,7 +103,8 @@ class Timer:
         self._edge()
         start = time.perf_counter()
         try:
-            yield
+            with torch.profiler.record_function(f"phase: {name}"):  # a no-op unless a profiler runs (--trace)
+                yield
         finally:
             self._edge()
             self.seconds[name] += time.perf_counter() - start
@@ -293,8 +294,15 @@ def one_run(args, label: str, off: set[str], model_name: str, rate, gpus: int, f
         import cProfile
 
         profiler = cProfile.Profile()
+    from contextlib import nullcontext
+
+    tracer = nullcontext()
+    if args.trace and int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        activities = [torch.profiler.ProfilerActivity.CPU] + (
+            [torch.profiler.ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+        tracer = torch.profiler.profile(activities=activities)
     try:
-        with GpuBusy() as busy:
+        with GpuBusy() as busy, tracer:
             start = time.perf_counter()
             if profiler:
                 profiler.enable()
@@ -319,6 +327,8 @@ def one_run(args, label: str, off: set[str], model_name: str, rate, gpus: int, f
               "first_question": first_question}
     if profiler:
         write_profile(profiler, Path(args.profile), label)
+    if args.trace and not isinstance(tracer, nullcontext):
+        write_trace(tracer, Path(args.trace), label)
     if rate:
         from transformers import AutoConfig
 
@@ -348,6 +358,18 @@ def write_profile(profiler, folder: Path, label: str) -> None:
     stats.sort_stats("tottime").print_stats(50)
     name = label.replace(":", "_").replace("+", "_")
     (folder / f"profile_{runs}_{name}.txt").write_text(text.getvalue())
+
+
+def write_trace(tracer, folder: Path, label: str) -> None:
+    """torch.profiler's operators of the run by device time and by host time, phases included."""
+    folder.mkdir(parents=True, exist_ok=True)
+    runs = len(list(folder.glob("trace_*.txt")))
+    events = tracer.key_averages()
+    device = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+    text = (events.table(sort_by=device, row_limit=45, max_name_column_width=70)
+            + "\n\n" + events.table(sort_by="cpu_time_total", row_limit=60, max_name_column_width=70))
+    name = label.replace(":", "_").replace("+", "_")
+    (folder / f"trace_{runs}_{name}.txt").write_text(text)
 
 
 def _non_embedding_parameters(config) -> float:
@@ -412,6 +434,8 @@ def main():
     parser.add_argument("--no-record", action="store_true")
     parser.add_argument("--new-questions", action="store_true",
                         help="each run of the process takes the next questions (no shape seen before)")
+    parser.add_argument("--trace", default=None,
+                        help="folder: torch.profiler's operator tables of each run (phases as ranges)")
     parser.add_argument("--profile", default=None, help="folder: a cProfile of each run (rank 0's main thread)")
     args = parser.parse_args()
     Path(args.workdir).mkdir(parents=True, exist_ok=True)

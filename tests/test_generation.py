@@ -137,6 +137,46 @@ def test_padded_captured_steps_equal_eager_decoding(arch, monkeypatch):
     assert sum(key[0] == "shared" for key in model._sparseact_decoders) == 1  # one shape for all groups
 
 
+def test_captured_steps_of_a_longer_batch_serve_a_shorter_one(monkeypatch):
+    """A later batch whose prompts and answers fit the steps captured for an earlier one reuses
+    them (no new capture), and decodes the tokens of the eager loops."""
+    import pipeline.decoding.generation as generation
+    from pipeline.hooks import UnitHooks
+
+    model = tiny_model("llama")
+    model.set_attn_implementation("sdpa")
+    layout = layout_for(model)
+    hooks = UnitHooks(layout)  # the run's, as a run passes them to every batch
+    torch.manual_seed(5)
+    batches = [([torch.randint(1, 90, (70,)), torch.randint(1, 90, (66,))], [9, 12]),  # caches of 128 columns
+               ([torch.randint(1, 90, (9,)), torch.randint(1, 90, (4,))], [5, 7])]  # 64 would do
+    masks = [[(torch.rand(3, n, layout.num_layers, layout.num_heads) > 0.3,
+               torch.rand(3, n, layout.num_layers, layout.num_neurons) > 0.4) for n in limits] for _, limits in batches]
+    expected = []
+    for (prompts, limits), keeps in zip(batches, masks):  # eager: no graphs on the CPU
+        dense = generation.dense_generate_batch(model, prompts, limits, [])
+        expected.append(([d.tokens for d in dense], generation.masked_after_dense_batch(
+            model, dense, [h[:, :len(d.tokens)] for (h, _), d in zip(keeps, dense)],
+            [n[:, :len(d.tokens)] for (_, n), d in zip(keeps, dense)], [], hooks)))
+
+    _call_instead_of_capture(monkeypatch)
+    import pipeline.decoding.cuda_graph as cuda_graph
+
+    made = []
+    for module, maker in ((cuda_graph, "CapturedDecoder"), (generation.shared_prefix, "SharedPrefixDecoder")):
+        original = getattr(module, maker)
+        monkeypatch.setattr(module, maker, lambda *a, _original=original, **k: made.append(a) or _original(*a, **k))
+    counts = []
+    for ((prompts, limits), keeps), (want_dense, want_masked) in zip(zip(batches, masks), expected):
+        dense = generation.dense_generate_batch(model, prompts, limits, [])
+        assert [d.tokens for d in dense] == want_dense
+        got = generation.masked_after_dense_batch(model, dense, [h[:, :len(d.tokens)] for (h, _), d in zip(keeps, dense)],
+                                                  [n[:, :len(d.tokens)] for (_, n), d in zip(keeps, dense)], [], hooks)
+        assert got == want_masked
+        counts.append(len(made))
+    assert counts[0] == 2 and counts[1] == 2  # one padded and one shared-prefix decoder, made for the first batch only
+
+
 def _call_instead_of_capture(monkeypatch):
     """Captured steps allowed on the CPU: each 'replay' calls the step (the GPU path, run eagerly)."""
     import pipeline.decoding.cuda_graph as cuda_graph

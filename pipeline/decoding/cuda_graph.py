@@ -158,10 +158,14 @@ def cached_kv(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
             if getattr(layer, "keys", None) is not None and layer.keys.numel()]
 
 
-def recent_decoder(model, key: tuple, kept: int, make):
+def recent_decoder(model, key: tuple, kept: int, make, fits=None):
     """The model's decoder under ``key``, made by ``make()`` if missing. Of each kind (``key[0]``)
-    only the ``kept`` most recently used stay: their static caches are large."""
+    only the ``kept`` most recently used stay: their static caches are large. ``fits(other_key)``:
+    whether a kept decoder of another key serves too (e.g. a longer cache); the most recently
+    used such one is taken, so a new batch's shape need not capture a step again."""
     decoders = model.__dict__.setdefault("_sparseact_decoders", {})
+    if key not in decoders and fits is not None:
+        key = next((k for k in reversed(decoders) if k[0] == key[0] and fits(k)), key)
     decoder = decoders.pop(key, None)  # put back last: dicts keep insertion order, oldest first
     if decoder is None:
         for old in [k for k in decoders if k[0] == key[0]][: -kept + 1 or None]:
@@ -240,8 +244,10 @@ def decode_captured_padded(model, kv, prefix_mask: torch.Tensor, positions: torc
     masked = heads is not None
     capacity = padded_capacity(width + steps)
     try:
+        # a kept decoder with a longer cache serves too: its extra columns stay invisible
         decoder = recent_decoder(model, ("padded", rows, masked, capacity), PADDED_DECODERS_KEPT,
-                                 lambda: CapturedDecoder(model, rows, capacity, masked, hooks, padded=True))
+                                 lambda: CapturedDecoder(model, rows, capacity, masked, hooks, padded=True),
+                                 fits=lambda key: key[1:3] == (rows, masked) and key[3] >= capacity)
         return decoder.decode(kv, first_input, steps, eos, heads, neurons, hooks, prefix_mask, positions), decoder.cache
     except Exception as error:  # noqa: BLE001 - whatever fails to capture is decoded without graphs
         return _without_graphs(model, error)
