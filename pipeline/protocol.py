@@ -198,15 +198,24 @@ def _row_stats(layout, head_keep: torch.Tensor, neuron_keep: torch.Tensor, lengt
             for s, (start, length) in enumerate(zip(starts, lengths))]
 
 
-def _rounded(values: list[float]) -> list[float]:
-    return [round(v, 4) for v in values]
+def rounded(values: torch.Tensor) -> list:
+    """``round(v, 4)`` of every value of a float32 tensor, as (nested lists of) Python floats.
+
+    For the whole tensor at once (per value, Python's ``round`` took 40% of building a
+    batch's records): v x 10^4 is exact in float64 (a 24-bit mantissa times a 14-bit
+    number), so rounding it half to even and dividing by 10^4 gives the double nearest
+    the correctly rounded decimal, which is what ``round(v, 4)`` returns.
+    """
+    if values.dtype != torch.float32:
+        raise TypeError(f"rounded() is exact for float32 values only, not {values.dtype}")
+    return (torch.round(values.double() * 1e4) / 1e4).tolist()
 
 
 def _records(tokenizer, sample, dense, stats: RowStats, outputs, protocol, task) -> list[Record]:
     decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True).strip()  # noqa: E731
     dense_text = decode(dense)
     dense_task = task_score(task, dense_text, sample.reference)
-    kept_heads, kept_neurons = stats.kept_heads.tolist(), stats.kept_neurons.tolist()
+    kept_heads, kept_neurons = rounded(stats.kept_heads), rounded(stats.kept_neurons)
     records = []
     rows = [(v, p) for v in protocol.variants() for p in protocol.levels]
     for row, (((metric, allocation, normalize), level), tokens) in enumerate(zip(rows, outputs)):
@@ -218,8 +227,8 @@ def _records(tokenizer, sample, dense, stats: RowStats, outputs, protocol, task)
             # averaged over the steps this row actually decoded
             sparsity=stats.sparsity[row, : max(1, len(tokens))].mean().item(),
             # per layer, the kept fraction of heads and of neurons over the decoded steps
-            kept_heads=_rounded(kept_heads[row]),
-            kept_neurons=_rounded(kept_neurons[row]),
+            kept_heads=kept_heads[row],
+            kept_neurons=kept_neurons[row],
             bleu=bleu_vs_dense(tokens, dense, text, dense_text),
             token_agreement=token_agreement(tokens, dense),
             task_score=task_score(task, text, sample.reference),

@@ -93,3 +93,21 @@ def test_batch_row_numbers_are_each_samples_own():
                 found = got.overlaps[r][series][kind]
                 assert found == value if value is None else found == pytest.approx(value, abs=1e-4)
         start += T
+
+
+def test_rounded_is_pythons_round_to_four_places():
+    from pipeline.protocol import rounded
+
+    generator = torch.Generator().manual_seed(2)
+    counts = torch.arange(0, 20481, dtype=torch.float32)
+    values = torch.cat([
+        torch.rand(20000, generator=generator),
+        counts / 20480, counts / (7 * 10240), counts[:9 * 64 + 1] / (9 * 64),  # kept fractions as runs make them
+        (torch.arange(0, 10000, dtype=torch.float64) + 0.5).div(1e4).float(),  # next to ties of the 5th digit
+        torch.tensor([0.0, 1.0, 0.00005, 0.99995, 0.12345, 0.67895]),
+    ]).float()
+    assert rounded(values) == [round(v, 4) for v in values.tolist()]
+    table = values[:len(values) // 2 * 2].view(2, -1)
+    assert rounded(table) == [[round(v, 4) for v in row] for row in table.tolist()]
+    with pytest.raises(TypeError):
+        rounded(values.double())
