@@ -81,6 +81,7 @@ class Timer:
         self.teardown_start = None
         self.shapes = []  # per sample: (prompt tokens, dense tokens)
         self.captures = [0, 0.0]  # CUDA graphs captured, and their seconds (inside the phases above)
+        self.detail = {}  # --detail: seconds of named steps inside the phases
         self._undo = []
 
     def _edge(self):
@@ -127,10 +128,52 @@ class Timer:
         setattr(owner, attribute, timed)
         self._undo.append((owner, attribute, original))
 
+    def wrap_detail(self, owner, attribute: str, name: str):
+        """Also time every call of ``owner.attribute`` on its own (synchronised at its edges), inside its phase."""
+        original = getattr(owner, attribute)
+
+        def timed(*args, **kwargs):
+            self._edge()
+            start = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self._edge()
+                self.detail[name] = self.detail.get(name, 0.0) + time.perf_counter() - start
+
+        setattr(owner, attribute, timed)
+        self._undo.append((owner, attribute, original))
+
     def undo(self):
         for owner, attribute, original in reversed(self._undo):
             setattr(owner, attribute, original)
         self._undo.clear()
+
+
+# --detail: steps inside the phases, each timed on its own: (module, attribute, name)
+DETAIL = [
+    ("pipeline.decoding.generation", "decode_captured_padded", "dense labels: padded steps incl. capture"),
+    ("pipeline.decoding.generation", "_masked_work", "masked: per-sample work"),
+    ("pipeline.decoding.shared_prefix.SharedPrefixCache", "start", "masked: prefixes gathered"),
+    ("pipeline.decoding.shared_prefix.SharedPrefixDecoder", "_capture", "masked: capture"),
+    ("pipeline.decoding.cuda_graph", "replay_steps", "decoding: replayed steps"),
+    ("pipeline.protocol", "oracle_overlaps", "records: oracle pairs"),
+    ("pipeline.protocol", "prompt_ids", "prompts: tokenised"),
+    ("pipeline.protocol", "answer_length", "prompts: answer lengths"),
+]
+
+
+def install_detail(timer: Timer) -> None:
+    import importlib
+
+    for path, attribute, name in DETAIL:
+        module_name, _, owner_name = path.partition(".SharedPrefix")
+        owner = importlib.import_module(module_name)
+        if owner_name:
+            owner = getattr(owner, "SharedPrefix" + owner_name)
+        timer.wrap_detail(owner, attribute, name)
+    import pipeline.decoding.shared_prefix as shared_prefix_module  # imported `replay_steps` by name
+    timer.wrap_detail(shared_prefix_module, "replay_steps", "decoding: replayed steps")
 
 
 def install(timer: Timer) -> None:
@@ -289,6 +332,8 @@ def one_run(args, label: str, off: set[str], model_name: str, rate, gpus: int, f
     previous = set_levers(off)
     timer = Timer(args.sync)
     install(timer)
+    if args.detail:
+        install_detail(timer)
     profiler = None
     if args.profile and int(os.environ.get("LOCAL_RANK", "0")) == 0:
         import cProfile
@@ -324,7 +369,7 @@ def one_run(args, label: str, off: set[str], model_name: str, rate, gpus: int, f
     result = {"label": label, "off": sorted(off), "total_s": total, "prediction_s": prediction, "samples": samples,
               "phases": dict(timer.seconds), "background": dict(timer.background), "busy": busy.fraction(timer.first_batch or start, end_of_prediction),
               "shapes": timer.shapes, "metrics": metrics, "levels": protocol.levels, "captures": timer.captures,
-              "first_question": first_question}
+              "first_question": first_question, "detail": dict(timer.detail)}
     if profiler:
         write_profile(profiler, Path(args.profile), label)
     if args.trace and not isinstance(tracer, nullcontext):
@@ -392,6 +437,9 @@ def report(result: dict, rate) -> list[str]:
     if result.get("background"):
         lines.append("    in the record writer's thread, overlapping the above: "
                      + "  ".join(f"{name} {seconds:.2f} s" for name, seconds in result["background"].items()))
+    if result.get("detail"):
+        lines.append("    inside them, each synchronised: "
+                     + "  ".join(f"{name} {seconds:.2f} s" for name, seconds in result["detail"].items()))
     extra = []
     if result.get("captures", [0])[0]:
         extra.append(f"{result['captures'][0]} CUDA graphs captured in {result['captures'][1]:.2f} s")
@@ -434,6 +482,7 @@ def main():
     parser.add_argument("--no-record", action="store_true")
     parser.add_argument("--new-questions", action="store_true",
                         help="each run of the process takes the next questions (no shape seen before)")
+    parser.add_argument("--detail", action="store_true", help="also time steps inside the phases (DETAIL)")
     parser.add_argument("--trace", default=None,
                         help="folder: torch.profiler's operator tables of each run (phases as ranges)")
     parser.add_argument("--profile", default=None, help="folder: a cProfile of each run (rank 0's main thread)")
