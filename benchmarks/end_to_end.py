@@ -54,17 +54,19 @@ LEVERS = {
     "dense_graphs": ("pipeline.decoding.generation", "DENSE_GRAPHS", False),
     "masked_groups": ("pipeline.decoding.generation", "MASKED_GROUPS", False),
     "background_records": ("pipeline.runner.callbacks", "BACKGROUND_ON_ACCELERATORS", False),
+    "switch_interval": ("pipeline.runner.callbacks", "RECORD_THREAD_SWITCH_S", None),  # off: Python's 5 ms
     "keep_on_device": ("pipeline.runner.module", "KEEP_ON_DEVICE_AT_TEARDOWN", False),
     "no_cudnn": ("pipeline.runner.module", "NO_CUDNN_ATTENTION", False),
     "no_cudnn_attribution": ("pipeline.scores.exact_attention", "CUDNN_ATTENTION", True),
     "batch64": None,  # off: the former default GPU block of 16 samples
     # attention kernels of the captured decoding steps: off = cuDNN's first in the dense (padded) step,
-    # or none of cuDNN's in the masked (shared-prefix) step; or the unfused (math) one only in the dense step
+    # or in the masked (shared-prefix) step; or the unfused (math) one only in the dense step
     "capture_without_cudnn": ("pipeline.decoding.cuda_graph", "CAPTURE_BACKENDS",
                               [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
                                SDPBackend.MATH]),
-    "shared_cudnn": ("pipeline.decoding.shared_prefix", "ATTENTION_BACKENDS",
-                     [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]),
+    "shared_no_cudnn": ("pipeline.decoding.shared_prefix", "ATTENTION_BACKENDS",
+                        [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                         SDPBackend.MATH]),
     "capture_fused": ("pipeline.decoding.cuda_graph", "CAPTURE_BACKENDS", [SDPBackend.MATH]),
 }
 

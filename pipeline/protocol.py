@@ -191,7 +191,7 @@ def _row_stats(layout, head_keep: torch.Tensor, neuron_keep: torch.Tensor, lengt
         return (counts.float() / (decoded.to(device) * units).float()[..., None]).cpu()
 
     variants = [(v, p) for v in protocol.variants() for p in protocol.levels]
-    overlaps = oracle_overlaps(head_keep, neuron_keep, variants, lengths, decoded.tolist())
+    overlaps = oracle_overlaps(head_keep, neuron_keep, variants, lengths, decoded.tolist(), (head_counts, neuron_counts))
     sparsity = sparsity_of_counts(head_counts, neuron_counts, layout).cpu()  # [rows, tokens]
     kept_heads, kept_neurons = kept(head_counts, head_keep.shape[-1]), kept(neuron_counts, neuron_keep.shape[-1])
     return [RowStats(sparsity[:, start:start + length].clone(), kept_heads[s], kept_neurons[s], overlaps[s])
@@ -276,9 +276,11 @@ def oracle_overlap(head_keep, neuron_keep, rows, steps) -> list[dict | None]:
     return oracle_overlaps(head_keep, neuron_keep, rows, [head_keep.shape[1]], [steps])[0]
 
 
-def oracle_overlaps(head_keep, neuron_keep, rows, lengths: list[int], steps: list[list[int]]) -> list[list]:
+def oracle_overlaps(head_keep, neuron_keep, rows, lengths: list[int], steps: list[list[int]],
+                    kept: tuple[torch.Tensor, torch.Tensor] | None = None) -> list[list]:
     """``oracle_overlap`` of every sample of a batch: masks ``[rows, tokens, layers, units]`` with
-    ``lengths`` tokens per sample, ``steps`` ``[samples][rows]``.
+    ``lengths`` tokens per sample, ``steps`` ``[samples][rows]``; ``kept``: their ``kept_counts``
+    if at hand.
 
     All pairs of all samples are counted on the device and their counts come to the host in one
     transfer (on an H200 one small wait per pair took ~2 s per 256 questions).
@@ -300,12 +302,17 @@ def oracle_overlaps(head_keep, neuron_keep, rows, lengths: list[int], steps: lis
     step = torch.arange(len(sample)) - torch.tensor(_starts(lengths))[sample]
     decoded = torch.tensor(steps)[:, [i for i, _, _ in pairs]]  # [samples, pairs]
     within = (step[None, :] < decoded[sample].T).to(device)  # [pairs, tokens]
+    if kept is None:
+        kept = (kept_counts(head_keep), kept_counts(neuron_keep))
     counts = []  # per pair: [kind, 2, tokens, layers]
     for k, (i, j, _) in enumerate(pairs):
         per_kind = []
-        for keep in (head_keep, neuron_keep):
-            off, other_off = ~keep[i], ~keep[j]
-            per_kind.append(torch.stack([(off & other_off).sum(-1), (off | other_off).sum(-1) * within[k, :, None]]))
+        for keep, kept_units in zip((head_keep, neuron_keep), kept):
+            # off in both = units - kept in either; off in either = units - kept in both: one pass over the masks
+            both_kept = kept_counts(keep[i] & keep[j]).long()
+            either_kept = kept_units[i].long() + kept_units[j].long() - both_kept
+            units = keep.shape[-1]
+            per_kind.append(torch.stack([units - either_kept, (units - both_kept) * within[k, :, None]]))
         counts.append(torch.stack(per_kind))
     counts = torch.stack(counts).cpu()  # [pairs, kind, 2, tokens, layers]
     for s, (start, length) in enumerate(zip(_starts(lengths), lengths)):

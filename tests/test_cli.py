@@ -188,12 +188,17 @@ def test_background_records_are_the_synchronous_ones(tiny_dir, tmp_path, monkeyp
 
     def recording(shard, host_work):
         threads.add(threading.current_thread().name)
+        intervals.append(sys.getswitchinterval())
         return write(shard, host_work)
 
+    intervals, before = [], sys.getswitchinterval()
     monkeypatch.setattr(callbacks.RecordWriter, "setup", lambda self, *args, **kwargs: setattr(self, "background", True))
     monkeypatch.setattr(callbacks.RecordWriter, "_write", staticmethod(recording))
     main(_args(tiny_dir, tmp_path / "background", "--run.batch_size", "1"))
     assert threads and all(name.startswith("sparseact-records") for name in threads)
+    # the feeding thread's turns come back sooner while the record thread runs, and Python's after
+    assert intervals and all(i == callbacks.RECORD_THREAD_SWITCH_S < before for i in intervals)
+    assert sys.getswitchinterval() == before
     assert (tmp_path / "background" / "records.jsonl").read_bytes() == (tmp_path / "sync" / "records.jsonl").read_bytes()
 
 

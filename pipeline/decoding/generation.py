@@ -223,10 +223,13 @@ def dense_generate_batch(model, prompts: list[torch.Tensor], max_new_tokens: lis
     """
     device = next(model.parameters()).device
     eos = _eos(eos_token_ids, device)
-    prompts = [p.to(device) for p in prompts]
+    # padded on the host and moved in two copies: every copy or wait on the device is a moment in
+    # which another thread (building the last batch's records) can hold the GIL
     lengths = torch.tensor([len(p) for p in prompts])
-    ids, mask, _ = pad(torch.cat(prompts), lengths, "left")
+    ids, mask, _ = pad(torch.cat([p.cpu() for p in prompts]), lengths, "left")
+    ids, mask = ids.to(device), mask.to(device)
     width = ids.shape[1]
+    prompts = [ids[row, width - len(p):] for row, p in enumerate(prompts)]  # each prompt, on the device
     cache = DynamicCache(config=model.config)
     padded = bool((lengths < width).any())
     if width > 1:

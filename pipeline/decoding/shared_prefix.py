@@ -40,12 +40,11 @@ from pipeline.hooks import StepMasks, UnitHooks
 from pipeline.models.inputs import attention_implementation, forward_arguments
 
 IMPLEMENTATION = "sparseact_shared_prefix"
-# Attention kernels of the captured step, in PyTorch's order of preference. cuDNN's first: 30.5 ms
-# per step against 31.9 ms for the memory-efficient kernel (Phi-2 shape, 1440 rows, H200); whole
-# runs were equal within noise, and the plan it builds per new group shape did not show in the
-# first run of a process (benchmarks/RESULTS.md, session 4).
-ATTENTION_BACKENDS = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
-                      SDPBackend.MATH]
+# Attention kernels of the captured step, in PyTorch's order of preference; not cuDNN's. With it a step
+# was 5% faster (30.5 against 31.9 ms, Phi-2 shape, 1440 rows, H200), whole warm runs equal, but the
+# first capture of a process took ~1 s longer (loading cuDNN, building a plan): cold Phi-2-shape runs
+# 26.0 samples/s with it, 28.9 without (benchmarks/RESULTS.md, session 5).
+ATTENTION_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 def kv_geometry(config) -> tuple[int, int, int, int]:

@@ -13,6 +13,11 @@ from pipeline.results.raw_scores import save_scores
 from pipeline.results.store import RECORDS, append_records
 
 BACKGROUND_ON_ACCELERATORS = True  # the default of RecordWriter(background=None)
+# While the record thread works, the thread that feeds the device gets the GIL back within this many
+# seconds (Python's default is 5 ms): every torch call releases and retakes the GIL, and each retake
+# waited for the record thread's turn to end, so the device waited on the host far more than
+# the records' own time.
+RECORD_THREAD_SWITCH_S = 0.0002
 
 
 class MaskingCallback(L.Callback):
@@ -47,6 +52,7 @@ class RecordWriter(BasePredictionWriter):
         self.background = background
         self._worker: ThreadPoolExecutor | None = None
         self._pending: Future | None = None
+        self._switch_interval: float | None = None  # Python's, while the record thread runs
 
     def shard(self, trainer) -> Path:
         name = RECORDS if trainer.world_size == 1 else RECORDS.replace(".jsonl", f".rank{trainer.global_rank}.jsonl")
@@ -63,6 +69,9 @@ class RecordWriter(BasePredictionWriter):
             return self._write(self.shard(trainer), prediction)
         if self._worker is None:
             self._worker = ThreadPoolExecutor(1, thread_name_prefix="sparseact-records")
+            if RECORD_THREAD_SWITCH_S:
+                self._switch_interval = sys.getswitchinterval()
+                sys.setswitchinterval(min(RECORD_THREAD_SWITCH_S, self._switch_interval))
         self._pending = self._worker.submit(self._write, self.shard(trainer), prediction)
 
     @staticmethod
@@ -83,6 +92,9 @@ class RecordWriter(BasePredictionWriter):
         if self._worker is not None:
             self._worker.shutdown(wait=True)
             self._worker = None
+        if self._switch_interval is not None:
+            sys.setswitchinterval(self._switch_interval)
+            self._switch_interval = None
 
     def on_predict_end(self, trainer, pl_module) -> None:
         try:
