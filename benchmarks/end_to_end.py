@@ -311,7 +311,8 @@ def flop_limit(shapes, metrics, levels, parameters, ig_steps, layers) -> float:
     return decoded + attribution_flops(shapes, metrics, parameters, ig_steps, layers)
 
 
-def one_run(args, label: str, off: set[str], model_name: str, rate, gpus: int, first_question: int = 0) -> dict:
+def one_run(args, label: str, off: set[str], model_name: str, rate, gpus: int, first_question: int = 0,
+            last: bool = True) -> dict:
     from pipeline.config import DataConfig, ModelConfig, ProtocolConfig, RunConfig
     from pipeline.scores.metrics import DEFAULT_METRICS
 
@@ -344,7 +345,7 @@ def one_run(args, label: str, off: set[str], model_name: str, rate, gpus: int, f
     from contextlib import nullcontext
 
     tracer = nullcontext()
-    if args.trace and int(os.environ.get("LOCAL_RANK", "0")) == 0:
+    if args.trace and int(os.environ.get("LOCAL_RANK", "0")) == 0 and last:
         activities = [torch.profiler.ProfilerActivity.CPU] + (
             [torch.profiler.ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
         tracer = torch.profiler.profile(activities=activities)
@@ -375,7 +376,7 @@ def one_run(args, label: str, off: set[str], model_name: str, rate, gpus: int, f
     if profiler:
         write_profile(profiler, Path(args.profile), label)
     if args.trace and not isinstance(tracer, nullcontext):
-        write_trace(tracer, Path(args.trace), label)
+        result["device_idle"] = write_trace(tracer, Path(args.trace), label)
     if rate:
         from transformers import AutoConfig
 
@@ -407,7 +408,7 @@ def write_profile(profiler, folder: Path, label: str) -> None:
     (folder / f"profile_{runs}_{name}.txt").write_text(text.getvalue())
 
 
-def write_trace(tracer, folder: Path, label: str) -> None:
+def write_trace(tracer, folder: Path, label: str) -> dict[str, float]:
     """torch.profiler's operators of the run by device time and by host time, phases included."""
     folder.mkdir(parents=True, exist_ok=True)
     runs = len(list(folder.glob("trace_*.txt")))
@@ -417,6 +418,35 @@ def write_trace(tracer, folder: Path, label: str) -> None:
             + "\n\n" + events.table(sort_by="cpu_time_total", row_limit=60, max_name_column_width=70))
     name = label.replace(":", "_").replace("+", "_")
     (folder / f"trace_{runs}_{name}.txt").write_text(text)
+    return device_idle(tracer)
+
+
+def device_idle(tracer) -> dict[str, float]:
+    """Seconds the device sat idle between its first and last kernel, by the main thread's phase
+    at that moment ("outside phases": Lightning's loop, start of a batch, ...)."""
+    from collections import defaultdict
+
+    from torch.autograd import DeviceType
+
+    events = tracer.events()
+    kernels = sorted((e.time_range.start, e.time_range.end) for e in events if e.device_type == DeviceType.CUDA)
+    phases = sorted((e.time_range.start, e.time_range.end, e.name[len("phase: "):]) for e in events
+                    if e.device_type == DeviceType.CPU and e.name.startswith("phase: "))
+    idle = defaultdict(float)
+    if not kernels:
+        return {}
+    end = kernels[0][1]
+    for start, stop in kernels[1:]:
+        if start > end:  # a gap: nothing ran on the device from end to start
+            covered = 0.0
+            for first, last, phase in phases:
+                overlap = min(start, last) - max(end, first)
+                if overlap > 0:
+                    idle[phase] += overlap / 1e6
+                    covered += overlap
+            idle["outside phases"] += (start - end - covered) / 1e6
+        end = max(end, stop)
+    return dict(sorted(idle.items(), key=lambda item: -item[1]))
 
 
 def _non_embedding_parameters(config) -> float:
@@ -439,6 +469,9 @@ def report(result: dict, rate) -> list[str]:
     if result.get("background"):
         lines.append("    in the record writer's thread, overlapping the above: "
                      + "  ".join(f"{name} {seconds:.2f} s" for name, seconds in result["background"].items()))
+    if result.get("device_idle"):
+        lines.append("    device idle (traced run, host slowed by the tracer), by the phase the main thread was in: "
+                     + "  ".join(f"{name} {seconds:.2f} s" for name, seconds in result["device_idle"].items()))
     if result.get("detail"):
         lines.append("    inside them, each synchronised: "
                      + "  ".join(f"{name} {seconds:.2f} s" for name, seconds in result["detail"].items()))
@@ -486,7 +519,8 @@ def main():
                         help="each run of the process takes the next questions (no shape seen before)")
     parser.add_argument("--detail", action="store_true", help="also time steps inside the phases (DETAIL)")
     parser.add_argument("--trace", default=None,
-                        help="folder: torch.profiler's operator tables of each run (phases as ranges)")
+                        help="folder: torch.profiler's operator tables of the last run (phases as ranges), and "
+                             "the device's idle time by phase")
     parser.add_argument("--profile", default=None, help="folder: a cProfile of each run (rank 0's main thread)")
     args = parser.parse_args()
     Path(args.workdir).mkdir(parents=True, exist_ok=True)
@@ -507,7 +541,7 @@ def main():
         if unknown:
             raise SystemExit(f"unknown lever(s) {sorted(unknown)}; choose from {', '.join(LEVERS)}")
         result = one_run(args, variant, off, model_name, rate, args.gpus,
-                         number * args.questions if args.new_questions else 0)
+                         number * args.questions if args.new_questions else 0, last=number == len(args.variants) - 1)
         if int(os.environ.get("LOCAL_RANK", "0")) != 0:
             Path(args.workdir, f"phases_{variant}.rank{os.environ['LOCAL_RANK']}.json").write_text(json.dumps(result))
             continue

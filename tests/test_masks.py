@@ -55,3 +55,17 @@ def test_phi2_sparsity_accounting_is_one_third_two_thirds():
     neurons[1, :, :5120] = False  # half the neurons at step 1 only
     sparsity = achieved_sparsity(heads, neurons, layout)
     torch.testing.assert_close(sparsity, torch.tensor([1 / 6, 1 / 6 + 1 / 3, 1 / 6]))
+
+
+@pytest.mark.parametrize("units", [2**15 - 1, 2**15 + 1])  # int16 ranks, and int32 where int16 would overflow
+def test_unit_ranks_at_the_width_of_their_integer(units):
+    import torch
+
+    from pipeline.masks.masks import unit_ranks
+
+    importance = torch.randint(0, 50, (2, units)).float()  # many ties: the lower index ranks lower
+    expected = torch.empty(2, units, dtype=torch.long)
+    for row in range(2):
+        order = sorted(range(units), key=lambda u: (importance[row, u].item(), u))
+        expected[row, order] = torch.arange(units)
+    assert torch.equal(unit_ranks(importance).long(), expected)

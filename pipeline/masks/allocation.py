@@ -40,7 +40,7 @@ def normalized(importance: torch.Tensor, how: str) -> torch.Tensor:
     if how == "l2":
         return importance / _safe(importance.norm(dim=-1, keepdim=True))
     if how == "rank":
-        return (unit_ranks(importance) + 1).to(torch.float64) / importance.shape[-1]
+        return (unit_ranks(importance).to(torch.float64) + 1) / importance.shape[-1]
     raise ValueError(f"unknown normalisation {how!r}; choose from {', '.join(NORMALIZATIONS)}")
 
 

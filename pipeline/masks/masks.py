@@ -19,8 +19,12 @@ def unit_ranks(importance: torch.Tensor) -> torch.Tensor:
     first). Ties: a stable sort, so among equal importances the lower unit index ranks lower;
     NaN ranks above every number."""
     order = importance.argsort(dim=-1, stable=True)
-    rank = torch.empty_like(order)
-    return rank.scatter_(-1, order, torch.arange(importance.shape[-1], device=importance.device).expand_as(order))
+    units = importance.shape[-1]
+    # the narrowest integer that holds a rank: the masks compare every rank with every level (a
+    # Phi-2 batch: 10 levels x 3e8 ranks), so int16 moves a quarter of int64's bytes
+    dtype = torch.int16 if units < 2**15 else torch.int32 if units < 2**31 else torch.int64
+    rank = torch.empty(order.shape, dtype=dtype, device=order.device)
+    return rank.scatter_(-1, order, torch.arange(units, dtype=dtype, device=order.device).expand_as(order))
 
 
 def keep_masks(importance: torch.Tensor, levels: list[float]) -> torch.Tensor:
