@@ -429,7 +429,9 @@ def device_idle(tracer) -> dict[str, float]:
     from torch.autograd import DeviceType
 
     events = tracer.events()
-    kernels = sorted((e.time_range.start, e.time_range.end) for e in events if e.device_type == DeviceType.CUDA)
+    # device events, without the device-side spans of annotated ranges (record_function: the phases)
+    kernels = sorted((e.time_range.start, e.time_range.end) for e in events if e.device_type == DeviceType.CUDA
+                     and not getattr(e, "is_user_annotation", False) and not e.name.startswith("phase: "))
     phases = sorted((e.time_range.start, e.time_range.end, e.name[len("phase: "):]) for e in events
                     if e.device_type == DeviceType.CPU and e.name.startswith("phase: "))
     idle = defaultdict(float)
