@@ -155,7 +155,7 @@ class Timer:
 # --detail: steps inside the phases, each timed on its own: (module, attribute, name)
 DETAIL = [
     ("pipeline.decoding.generation", "decode_captured_padded", "dense labels: padded steps incl. capture"),
-    ("pipeline.decoding.generation", "_masked_work", "masked: per-sample work"),
+    ("pipeline.decoding.generation", "_masked_works", "masked: per-sample work"),
     ("pipeline.decoding.shared_prefix.SharedPrefixCache", "start", "masked: prefixes gathered"),
     ("pipeline.decoding.shared_prefix.SharedPrefixDecoder", "_capture", "masked: capture"),
     ("pipeline.decoding.cuda_graph", "replay_steps", "decoding: replayed steps"),

@@ -48,7 +48,7 @@ class RowStats:
     sparsity: torch.Tensor
     kept_heads: torch.Tensor
     kept_neurons: torch.Tensor
-    overlaps: list  # per row, the mask IoU with the oracle's row (``oracle_overlap``) or None
+    pairs: "OraclePairs"  # the counts behind each row's mask IoU with the oracle's row (``oracle_overlap``)
 
 
 @dataclass
@@ -191,10 +191,10 @@ def _row_stats(layout, head_keep: torch.Tensor, neuron_keep: torch.Tensor, lengt
         return (counts.float() / (decoded.to(device) * units).float()[..., None]).cpu()
 
     variants = [(v, p) for v in protocol.variants() for p in protocol.levels]
-    overlaps = oracle_overlaps(head_keep, neuron_keep, variants, lengths, decoded.tolist(), (head_counts, neuron_counts))
+    pairs = oracle_overlaps(head_keep, neuron_keep, variants, lengths, decoded.tolist(), (head_counts, neuron_counts))
     sparsity = sparsity_of_counts(head_counts, neuron_counts, layout).cpu()  # [rows, tokens]
     kept_heads, kept_neurons = kept(head_counts, head_keep.shape[-1]), kept(neuron_counts, neuron_keep.shape[-1])
-    return [RowStats(sparsity[:, start:start + length].clone(), kept_heads[s], kept_neurons[s], overlaps[s])
+    return [RowStats(sparsity[:, start:start + length].clone(), kept_heads[s], kept_neurons[s], pairs[s])
             for s, (start, length) in enumerate(zip(starts, lengths))]
 
 
@@ -216,6 +216,7 @@ def _records(tokenizer, sample, dense, stats: RowStats, outputs, protocol, task)
     dense_text = decode(dense)
     dense_task = task_score(task, dense_text, sample.reference)
     kept_heads, kept_neurons = rounded(stats.kept_heads), rounded(stats.kept_neurons)
+    overlaps = stats.pairs.overlaps()
     records = []
     rows = [(v, p) for v in protocol.variants() for p in protocol.levels]
     for row, (((metric, allocation, normalize), level), tokens) in enumerate(zip(rows, outputs)):
@@ -242,7 +243,7 @@ def _records(tokenizer, sample, dense, stats: RowStats, outputs, protocol, task)
             allocation=allocation,
             normalize=normalize,
             # label-free rows of runs that evaluate the oracle too; None elsewhere (left out of the line)
-            iou_cor_gxo=stats.overlaps[row],
+            iou_cor_gxo=overlaps[row],
         ))
     return records
 
@@ -273,11 +274,29 @@ def oracle_overlap(head_keep, neuron_keep, rows, steps) -> list[dict | None]:
     files) and a second copy of the allocation step (calibrated levels, static thresholds,
     dense first step).
     """
-    return oracle_overlaps(head_keep, neuron_keep, rows, [head_keep.shape[1]], [steps])[0]
+    return oracle_overlaps(head_keep, neuron_keep, rows, [head_keep.shape[1]], [steps])[0].overlaps()
+
+
+@dataclass
+class OraclePairs:
+    """One sample's counts for ``oracle_overlap``, on the host: per pair ``(label-free row, oracle
+    series)``, units switched off in both and in either mask ``[pairs, kind, 2, T, layers]``.
+    The IoUs are taken from them with the records (host work, off the device's path)."""
+
+    rows: int
+    pairs: list[tuple[int, str]]
+    counts: torch.Tensor | None
+
+    def overlaps(self) -> list[dict | None]:
+        found: list[dict | None] = [None] * self.rows
+        for k, (i, reference) in enumerate(self.pairs):
+            heads, neurons = (_iou_of(self.counts[k, kind, 0], self.counts[k, kind, 1]) for kind in (0, 1))
+            found[i] = {reference: {"heads": heads, "neurons": neurons}}
+        return found
 
 
 def oracle_overlaps(head_keep, neuron_keep, rows, lengths: list[int], steps: list[list[int]],
-                    kept: tuple[torch.Tensor, torch.Tensor] | None = None) -> list[list]:
+                    kept: tuple[torch.Tensor, torch.Tensor] | None = None) -> list[OraclePairs]:
     """``oracle_overlap`` of every sample of a batch: masks ``[rows, tokens, layers, units]`` with
     ``lengths`` tokens per sample, ``steps`` ``[samples][rows]``; ``kept``: their ``kept_counts``
     if at hand.
@@ -292,9 +311,8 @@ def oracle_overlaps(head_keep, neuron_keep, rows, lengths: list[int], steps: lis
         j = index.get((reference, level))
         if j is not None and SCORES[metric].label_free:
             pairs.append((i, j, reference))
-    found = [[None] * len(rows) for _ in lengths]
     if not pairs:
-        return found
+        return [OraclePairs(len(rows), [], None) for _ in lengths]
     device = head_keep.device
     # within[k, token]: the token is one of the steps pair k's label-free row decoded in its sample;
     # past them nothing counts as switched off
@@ -315,9 +333,6 @@ def oracle_overlaps(head_keep, neuron_keep, rows, lengths: list[int], steps: lis
             per_kind.append(torch.stack([units - either_kept, (units - both_kept) * within[k, :, None]]))
         counts.append(torch.stack(per_kind))
     counts = torch.stack(counts).cpu()  # [pairs, kind, 2, tokens, layers]
-    for s, (start, length) in enumerate(zip(_starts(lengths), lengths)):
-        for k, (i, _, reference) in enumerate(pairs):
-            heads, neurons = (_iou_of(counts[k, kind, 0, start:start + length], counts[k, kind, 1, start:start + length])
-                              for kind in (0, 1))
-            found[s][i] = {reference: {"heads": heads, "neurons": neurons}}
-    return found
+    named = [(i, reference) for i, _, reference in pairs]
+    return [OraclePairs(len(rows), named, counts[..., start:start + length, :])
+            for start, length in zip(_starts(lengths), lengths)]

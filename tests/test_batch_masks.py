@@ -83,14 +83,14 @@ def test_batch_row_numbers_are_each_samples_own():
                     n[r, :steps, layer].sum().item() / (steps * NEURONS), abs=1e-6)
             (metric, allocation, normalize), level = rows[r]
             if metric != "magnitude":  # the label-free score of the three
-                assert got.overlaps[r] is None
+                assert got.pairs.overlaps()[r] is None
                 continue
             series = "cor_gxo" if allocation == "per_layer" else f"cor_gxo/global/{normalize}"
             oracle = rows.index(((("cor_gxo", allocation, normalize)), level))
             expected = {kind: _iou_reference(keep[r], keep[oracle], steps) for kind, keep in (("heads", h), ("neurons", n))}
-            assert list(got.overlaps[r]) == [series]
+            assert list(got.pairs.overlaps()[r]) == [series]
             for kind, value in expected.items():
-                found = got.overlaps[r][series][kind]
+                found = got.pairs.overlaps()[r][series][kind]
                 assert found == value if value is None else found == pytest.approx(value, abs=1e-4)
         start += T
 
