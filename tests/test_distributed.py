@@ -162,7 +162,7 @@ def test_a_rank_without_a_block_finishes(tiny_dir, reference, tmp_path, launcher
         os.killpg(process.pid, signal.SIGKILL)
         process.communicate()
         raise
-    assert process.returncode == 0, stderr[-2000:]
+    assert process.returncode == 0, stderr[-8000:]  # a rank's own message comes before the launcher's
     records = read_records(out)
     assert len(records) == 2 * 5 * 3
     expected = {(r.sample_id, r.metric, r.level): r for r in read_records(reference)}
