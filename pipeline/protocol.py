@@ -132,7 +132,7 @@ def _keep(variant, importance: torch.Tensor, kind: str, levels, thresholds, laye
     return allocate(allocation, importance, levels, normalize, (layer_levels or {}).get(metric))
 
 
-MASK_CHUNK_ELEMENTS = 2**28  # scores allocated at once: bounds the sort's temporaries (int64 ranks: 2 GiB)
+MASK_CHUNK_ELEMENTS = 2**26  # scores allocated at once: bounds the sort's temporaries (its int64 order: 512 MiB)
 
 
 def _keep_masks(scores: list[dict], lengths: list[int], protocol: ProtocolConfig, thresholds,
@@ -145,21 +145,24 @@ def _keep_masks(scores: list[dict], lengths: list[int], protocol: ProtocolConfig
     the GPU waiting on the host), in chunks of tokens that bound the sort's memory.
     """
     levels, variants = protocol.levels, protocol.variants()
+    starts = _starts(lengths)
     masks = []
     for kind in ("heads", "neurons"):
-        joined = {metric: torch.cat([getattr(sample[metric], kind) for sample in scores]) for metric in
-                  dict.fromkeys(v[0] for v in variants)}
-        tokens, layers, units = next(iter(joined.values())).shape
-        keep = torch.empty(len(variants) * len(levels), tokens, layers, units, dtype=torch.bool,
-                           device=next(iter(joined.values())).device)
+        first = getattr(scores[0][variants[0][0]], kind)
+        layers, units = first.shape[1:]
+        tokens = sum(lengths)
+        keep = torch.empty(len(variants) * len(levels), tokens, layers, units, dtype=torch.bool, device=first.device)
         chunk = max(1, MASK_CHUNK_ELEMENTS // (layers * units))
-        for v, variant in enumerate(variants):
+        for v, (metric, allocation, normalize) in enumerate(variants):
             for start in range(0, tokens, chunk):
-                keep[v * len(levels):(v + 1) * len(levels), start:start + chunk] = _keep(
-                    variant, joined[variant[0]][start:start + chunk], kind, levels, thresholds, layer_levels)
-        del joined
+                stop = min(start + chunk, tokens)
+                # the chunk's tokens, from the samples they belong to (no copy of the whole batch's scores)
+                importance = torch.cat([getattr(sample[metric], kind)[max(start - at, 0):stop - at]
+                                        for sample, at, n in zip(scores, starts, lengths) if at < stop and at + n > start])
+                keep[v * len(levels):(v + 1) * len(levels), start:stop] = _keep(
+                    (metric, allocation, normalize), importance, kind, levels, thresholds, layer_levels)
         if protocol.dense_first_step:
-            keep[:, _starts(lengths)] = True
+            keep[:, starts] = True
         masks.append(keep)
     return masks[0], masks[1]
 
@@ -181,6 +184,8 @@ def _row_stats(layout, head_keep: torch.Tensor, neuron_keep: torch.Tensor, lengt
     device = head_keep.device
     starts = _starts(lengths)
     decoded = torch.tensor([[max(1, len(tokens)) for tokens in rows] for rows in outputs])  # [samples, rows]
+    if bool((decoded > torch.tensor(lengths)[:, None]).any()):  # would read the next sample's counts
+        raise ValueError("a row decoded more steps than its sample has masks for")
     first = torch.tensor(starts)[:, None]
     head_counts, neuron_counts = kept_counts(head_keep), kept_counts(neuron_keep)  # [rows, tokens, layers]
 
@@ -192,7 +197,8 @@ def _row_stats(layout, head_keep: torch.Tensor, neuron_keep: torch.Tensor, lengt
 
     variants = [(v, p) for v in protocol.variants() for p in protocol.levels]
     pairs = oracle_overlaps(head_keep, neuron_keep, variants, lengths, decoded.tolist(), (head_counts, neuron_counts))
-    sparsity = sparsity_of_counts(head_counts, neuron_counts, layout).cpu()  # [rows, tokens]
+    sparsity = sparsity_of_counts(head_counts, neuron_counts, head_keep.shape[-1], neuron_keep.shape[-1],
+                                  layout).cpu()  # [rows, tokens]
     kept_heads, kept_neurons = kept(head_counts, head_keep.shape[-1]), kept(neuron_counts, neuron_keep.shape[-1])
     return [RowStats(sparsity[:, start:start + length].clone(), kept_heads[s], kept_neurons[s], pairs[s])
             for s, (start, length) in enumerate(zip(starts, lengths))]

@@ -31,16 +31,33 @@ def _protocol(dense_first_step=False):
 
 
 @pytest.mark.parametrize("dense_first_step", [False, True])
-def test_batch_keep_masks_are_each_samples_own(dense_first_step, monkeypatch):
+@pytest.mark.parametrize("allocations", [["per_layer", "global"], ["calibrated"], ["static"]])
+def test_batch_keep_masks_are_each_samples_own(dense_first_step, allocations, monkeypatch):
+    from pipeline.masks.static import threshold_masks
+
     lengths = [1, 4, 3]
     protocol = _protocol(dense_first_step)
+    levels = len(protocol.levels)
+    thresholds = layer_levels = None
+    if allocations == ["static"]:  # calibrated per-layer thresholds
+        protocol.metrics, protocol.allocation = ["static", "magnitude"], "per_layer"
+        thresholds = {"heads": torch.randn(levels, LAYERS).sort(0).values,
+                      "neurons": torch.randn(levels, LAYERS).sort(0).values}
+    elif allocations == ["calibrated"]:  # a level per layer
+        protocol.metrics, protocol.allocation = ["magnitude", "wina"], ["per_layer", "calibrated"]
+        layer_levels = {m: torch.rand(levels, LAYERS) for m in protocol.metrics}
+    else:
+        protocol.allocation = allocations
     scores = _scores(lengths, protocol.metrics)
     monkeypatch.setattr("pipeline.protocol.MASK_CHUNK_ELEMENTS", 2 * LAYERS * NEURONS)  # chunks of 2 tokens
-    heads, neurons = _keep_masks(scores, lengths, protocol, thresholds=None)
+    heads, neurons = _keep_masks(scores, lengths, protocol, thresholds, layer_levels)
     start = 0
     for sample, T in zip(scores, lengths):
         for kind, batch in (("heads", heads), ("neurons", neurons)):
-            alone = torch.cat([allocate(a, getattr(sample[m], kind), protocol.levels, n) for m, a, n in protocol.variants()])
+            alone = torch.cat([threshold_masks(getattr(sample[m], kind), thresholds[kind]) if m == "static" else
+                               allocate(a, getattr(sample[m], kind), protocol.levels, n,
+                                        layer_levels[m] if a == "calibrated" else None)
+                               for m, a, n in protocol.variants()])
             if dense_first_step:
                 alone[:, 0] = True
             assert torch.equal(batch[:, start:start + T], alone)

@@ -223,10 +223,13 @@ def test_background_writer_keeps_the_pending_batch_when_the_next_one_fails(tmp_p
     from pipeline.results.store import read_records
     from pipeline.runner.callbacks import RecordWriter
 
+    before = sys.getswitchinterval()
     writer = RecordWriter(tmp_path, background=True)
     writer.write_on_batch_end(_Trainer(), None, _host_work(["a", "b"]), None, None, 0)
+    assert sys.getswitchinterval() < before
     writer.on_exception(_Trainer(), None, RuntimeError("the next batch failed"))
     assert [r.sample_id for r in read_records(tmp_path)] == ["a", "b"]
+    assert sys.getswitchinterval() == before  # Python's again after a failure too
 
 
 def test_background_writer_raises_the_host_work_error_at_the_next_batch(tmp_path):

@@ -1,6 +1,7 @@
 """Threshold counts, ties, and parameter-weighted sparsity."""
 
 import math
+import types
 
 import pytest
 import torch
@@ -69,3 +70,16 @@ def test_unit_ranks_at_the_width_of_their_integer(units):
         order = sorted(range(units), key=lambda u: (importance[row, u].item(), u))
         expected[row, order] = torch.arange(units)
     assert torch.equal(unit_ranks(importance).long(), expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.bool, torch.float32, torch.float64, torch.int64])
+def test_achieved_sparsity_of_any_zero_one_masks(dtype):
+    """0/1 masks of any dtype, counted over their own widths: the parameter-weighted off fraction."""
+    layout = types.SimpleNamespace(attention_share=0.25, mlp_share=0.75, num_heads=99, num_neurons=99)  # widths unused
+    generator = torch.Generator().manual_seed(4)
+    heads = (torch.rand(2, 3, 5, 4, generator=generator) > 0.3).to(dtype)  # [rows, steps, layers, heads]
+    neurons = (torch.rand(2, 3, 5, 6, generator=generator) > 0.6).to(dtype)
+    expected = torch.tensor([[0.25 * (1 - heads[r, t].double().sum().item() / 20)
+                              + 0.75 * (1 - neurons[r, t].double().sum().item() / 30) for t in range(3)]
+                             for r in range(2)], dtype=torch.float64)
+    torch.testing.assert_close(achieved_sparsity(heads, neurons, layout).double(), expected, rtol=0, atol=1e-6)

@@ -244,10 +244,11 @@ def decode_captured_padded(model, kv, prefix_mask: torch.Tensor, positions: torc
     masked = heads is not None
     capacity = padded_capacity(width + steps)
     try:
-        # a kept decoder with a longer cache serves too: its extra columns stay invisible
+        # a kept decoder with a longer cache (up to twice as long) serves too: its extra columns stay
+        # invisible, and attending over them costs less than a new capture
         decoder = recent_decoder(model, ("padded", rows, masked, capacity), PADDED_DECODERS_KEPT,
                                  lambda: CapturedDecoder(model, rows, capacity, masked, hooks, padded=True),
-                                 fits=lambda key: key[1:3] == (rows, masked) and key[3] >= capacity)
+                                 fits=lambda key: key[1:3] == (rows, masked) and capacity <= key[3] <= 2 * capacity)
         return decoder.decode(kv, first_input, steps, eos, heads, neurons, hooks, prefix_mask, positions), decoder.cache
     except Exception as error:  # noqa: BLE001 - whatever fails to capture is decoded without graphs
         return _without_graphs(model, error)

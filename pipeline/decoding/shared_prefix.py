@@ -239,8 +239,9 @@ DECODERS_KEPT = 2  # a group's cache is large: keep the most recently used few
 
 def decoder_for(model, samples: int, rows: int, width: int, steps: int, layout) -> SharedPrefixDecoder:
     """The model's decoder of this group shape (made, and captured at its first use, once), or a kept
-    one of as many samples and rows with room for as wide a prefix and as many steps (the extra
-    columns stay invisible, and a capture costs more than they do)."""
+    one of as many samples and rows with room for as wide a prefix and as many steps, up to twice
+    as many (the extra columns stay invisible, and a capture costs more than they do)."""
     return recent_decoder(model, ("shared", samples, rows, width, steps), DECODERS_KEPT,
                           lambda: SharedPrefixDecoder(model, samples, rows, width, steps, layout),
-                          fits=lambda key: key[1:3] == (samples, rows) and key[3] >= width and key[4] >= steps)
+                          fits=lambda key: key[1:3] == (samples, rows) and width <= key[3] <= 2 * width
+                          and steps <= key[4] <= 2 * steps)

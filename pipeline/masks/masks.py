@@ -43,15 +43,19 @@ def keep_masks(importance: torch.Tensor, levels: list[float]) -> torch.Tensor:
 
 
 def kept_counts(keep: torch.Tensor) -> torch.Tensor:
-    """Kept units along the last dimension of bool masks ``[..., units]`` -> ``[...]``, counted as bytes
-    (on a CPU 3.5x faster than summing bools, which counts in int64)."""
+    """Kept units along the last dimension of 0/1 masks ``[..., units]`` -> ``[...]``; bool masks are
+    counted as bytes (on a CPU 3.5x faster than summing bools, which counts in int64)."""
+    if keep.dtype != torch.bool:
+        keep = keep != 0
     return keep.view(torch.uint8).sum(-1, dtype=torch.int16 if keep.shape[-1] < 2**15 else torch.int32)
 
 
-def sparsity_of_counts(head_counts: torch.Tensor, neuron_counts: torch.Tensor, layout: UnitLayout) -> torch.Tensor:
-    """``achieved_sparsity`` from kept counts ``[..., steps, layers]`` (``kept_counts``) -> ``[..., steps]``."""
-    heads_off = 1 - head_counts.sum(-1).float() / (head_counts.shape[-1] * layout.num_heads)
-    neurons_off = 1 - neuron_counts.sum(-1).float() / (neuron_counts.shape[-1] * layout.num_neurons)
+def sparsity_of_counts(head_counts: torch.Tensor, neuron_counts: torch.Tensor, heads: int, neurons: int,
+                       layout: UnitLayout) -> torch.Tensor:
+    """``achieved_sparsity`` from kept counts ``[..., steps, layers]`` (``kept_counts``) of masks with
+    ``heads`` and ``neurons`` units per layer -> ``[..., steps]``."""
+    heads_off = 1 - head_counts.sum(-1).float() / (head_counts.shape[-1] * heads)
+    neurons_off = 1 - neuron_counts.sum(-1).float() / (neuron_counts.shape[-1] * neurons)
     return layout.attention_share * heads_off + layout.mlp_share * neurons_off
 
 
@@ -59,8 +63,9 @@ def achieved_sparsity(head_keep: torch.Tensor, neuron_keep: torch.Tensor, layout
     """Parameter-weighted fraction of switched-off units, per step.
 
     ``head_keep`` ``[..., steps, layers, heads]``, ``neuron_keep`` ``[..., steps, layers, neurons]``
-    -> ``[..., steps]``. Attention counts ``layout.attention_share`` of the layer's weights,
-    the MLP the rest (Phi-2: 1/3 and 2/3). Counts of kept units (exact integers) divided
-    once: the float mean of the 0/1 masks.
+    (0/1, any dtype) -> ``[..., steps]``. Attention counts ``layout.attention_share`` of the
+    layer's weights, the MLP the rest (Phi-2: 1/3 and 2/3). Counts of kept units (exact
+    integers) divided once: the float mean of the 0/1 masks.
     """
-    return sparsity_of_counts(kept_counts(head_keep), kept_counts(neuron_keep), layout)
+    return sparsity_of_counts(kept_counts(head_keep), kept_counts(neuron_keep), head_keep.shape[-1],
+                              neuron_keep.shape[-1], layout)
