@@ -8,7 +8,7 @@ per sample (T dense steps + 3 x attributed positions + decoded masked rows x T) 
 non-embedding parameters, over the measured bf16 matmul rate).
 
 Phases: ``load`` (questions, model), ``dense labels``, ``attribution``, ``masks``,
-``masked decoding``, ``records`` (row numbers on the device, records on the host),
+``masked decoding``, ``records`` (row numbers on the device: ``measures/mask_stats.py``; records on the host),
 ``writing`` (records, summary, plot), ``host wait`` (for the record writer's thread,
 which on a GPU builds and writes batch k while batch k+1 computes; what that thread
 spends is listed apart), ``teardown`` (Lightning's end of predict),
@@ -159,7 +159,7 @@ DETAIL = [
     ("pipeline.decoding.shared_prefix.SharedPrefixCache", "start", "masked: prefixes gathered"),
     ("pipeline.decoding.shared_prefix.SharedPrefixDecoder", "_capture", "masked: capture"),
     ("pipeline.decoding.cuda_graph", "replay_steps", "decoding: replayed steps"),
-    ("pipeline.protocol", "oracle_overlaps", "records: oracle pairs"),
+    ("pipeline.measures.mask_stats", "oracle_overlaps", "records: oracle pairs"),
     ("pipeline.protocol", "prompt_ids", "prompts: tokenised"),
     ("pipeline.protocol", "answer_length", "prompts: answer lengths"),
 ]
@@ -199,7 +199,7 @@ def install(timer: Timer) -> None:
     timer.wrap(protocol_module, "_attribute_fitting", "attribution")
     timer.wrap(protocol_module, "_keep_masks", "masks")
     timer.wrap(protocol_module, "masked_after_dense_batch", "masked decoding")
-    timer.wrap(protocol_module, "_row_stats", "records")
+    timer.wrap(protocol_module, "row_stats", "records")
     timer.wrap(protocol_module, "_records", "records")
     timer.wrap(callbacks_module, "append_records", "writing")
     timer.wrap(callbacks_module, "save_scores", "writing")

@@ -6,24 +6,21 @@ bottom and can be called directly.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from pipeline.config import ProtocolConfig
 from pipeline.data.sources import Sample
 from pipeline.hooks import UnitHooks
 from pipeline.decoding.generation import dense_generate_batch, masked_after_dense_batch
 from pipeline.masks.allocation import allocate
-from pipeline.masks.masks import kept_counts, sparsity_of_counts
 from pipeline.masks.static import threshold_masks
 from pipeline.measures import bleu_vs_dense, task_score, token_agreement
+from pipeline.measures.mask_stats import RowStats, row_stats, token_starts
 from pipeline.models.adapters import UnitLayout
 from pipeline.models.prompts import answer_length, prompt_ids
-from pipeline.results.record import ORACLE, Record, series_name
-from pipeline.results.summary import iou_reference
+from pipeline.results.record import Record
 from pipeline.scores.attribution import UnitScores, attribute_batch
 from pipeline.scores.metrics import SCORES
 
@@ -34,21 +31,6 @@ class EvaluatedBatch:
 
     records: list[Record]
     scores: dict = field(default_factory=dict)  # sample id -> {metric: UnitScores}
-
-
-@dataclass
-class RowStats:
-    """One sample's per-row numbers from its keep masks, on the CPU.
-
-    ``sparsity`` ``[rows, T]`` per step; ``kept_heads`` / ``kept_neurons`` ``[rows, layers]``:
-    the kept fraction over the steps the row decoded (its count of kept units over
-    those steps, divided once, which is exactly what a float mean of the 0/1 masks gives).
-    """
-
-    sparsity: torch.Tensor
-    kept_heads: torch.Tensor
-    kept_neurons: torch.Tensor
-    pairs: "OraclePairs"  # the counts behind each row's mask IoU with the oracle's row (``oracle_overlap``)
 
 
 @dataclass
@@ -100,7 +82,7 @@ def decode_batch(model, tokenizer, layout: UnitLayout, samples: list[Sample], te
     head_keep, neuron_keep = _keep_masks(scores, lengths, protocol, thresholds, layer_levels)
     outputs = masked_after_dense_batch(model, dense, head_keep.split(lengths, 1), neuron_keep.split(lengths, 1),
                                        stop_ids, hooks)
-    stats = _row_stats(layout, head_keep, neuron_keep, lengths, outputs, protocol)
+    stats = row_stats(layout, head_keep, neuron_keep, lengths, outputs, protocol)
     # on the host here: the records' host work may run in another thread, which must not use the GPU
     # while this one captures CUDA graphs
     raw = {s.id: {metric: UnitScores(u.heads.detach().float().cpu(), u.neurons.detach().float().cpu())
@@ -145,7 +127,7 @@ def _keep_masks(scores: list[dict], lengths: list[int], protocol: ProtocolConfig
     the GPU waiting on the host), in chunks of tokens that bound the sort's memory.
     """
     levels, variants = protocol.levels, protocol.variants()
-    starts = _starts(lengths)
+    starts = token_starts(lengths)
     masks = []
     for kind in ("heads", "neurons"):
         first = getattr(scores[0][variants[0][0]], kind)
@@ -165,43 +147,6 @@ def _keep_masks(scores: list[dict], lengths: list[int], protocol: ProtocolConfig
             keep[:, starts] = True
         masks.append(keep)
     return masks[0], masks[1]
-
-
-def _starts(lengths: list[int]) -> list[int]:
-    """Where each sample's tokens start in a batch's tokens."""
-    return [sum(lengths[:i]) for i in range(len(lengths))]
-
-
-def _row_stats(layout, head_keep: torch.Tensor, neuron_keep: torch.Tensor, lengths: list[int], outputs,
-               protocol) -> list[RowStats]:
-    """Per sample, each row's sparsity per step, kept fractions per layer over its decoded steps, and
-    mask overlap with the oracle, from a batch's keep masks (``_keep_masks``).
-
-    Computed where the masks are, for the whole batch at once; counts, not masks, come to the
-    CPU, in one transfer per kind of number. Every number is a count of 0/1 entries (exact in
-    any order of summation) divided once, so it does not depend on how samples are batched.
-    """
-    device = head_keep.device
-    starts = _starts(lengths)
-    decoded = torch.tensor([[max(1, len(tokens)) for tokens in rows] for rows in outputs])  # [samples, rows]
-    if bool((decoded > torch.tensor(lengths)[:, None]).any()):  # would read the next sample's counts
-        raise ValueError("a row decoded more steps than its sample has masks for")
-    first = torch.tensor(starts)[:, None]
-    head_counts, neuron_counts = kept_counts(head_keep), kept_counts(neuron_keep)  # [rows, tokens, layers]
-
-    def kept(counts: torch.Tensor, units: int) -> torch.Tensor:  # [samples, rows, layers]: kept over the first n steps / (n x units)
-        running = F.pad(counts.cumsum(1), (0, 0, 1, 0))  # [rows, 1 + tokens, layers]: kept before each token
-        rows = torch.arange(counts.shape[0])
-        counts = running[rows, (first + decoded).to(device)] - running[rows, first.expand_as(decoded).to(device)]
-        return (counts.float() / (decoded.to(device) * units).float()[..., None]).cpu()
-
-    variants = [(v, p) for v in protocol.variants() for p in protocol.levels]
-    pairs = oracle_overlaps(head_keep, neuron_keep, variants, lengths, decoded.tolist(), (head_counts, neuron_counts))
-    sparsity = sparsity_of_counts(head_counts, neuron_counts, head_keep.shape[-1], neuron_keep.shape[-1],
-                                  layout).cpu()  # [rows, tokens]
-    kept_heads, kept_neurons = kept(head_counts, head_keep.shape[-1]), kept(neuron_counts, neuron_keep.shape[-1])
-    return [RowStats(sparsity[:, start:start + length].clone(), kept_heads[s], kept_neurons[s], pairs[s])
-            for s, (start, length) in enumerate(zip(starts, lengths))]
 
 
 def rounded(values: torch.Tensor) -> list:
@@ -254,91 +199,3 @@ def _records(tokenizer, sample, dense, stats: RowStats, outputs, protocol, task)
     return records
 
 
-def mask_iou(keep: torch.Tensor, other: torch.Tensor) -> float | None:
-    """IoU of the switched-off sets of two keep masks ``[T, layers, units]``, per (token, layer),
-    averaged over the (token, layer) pairs where either switches something off (None if none does)."""
-    off, other_off = ~keep, ~other
-    return _iou_of((off & other_off).sum(-1).cpu(), (off | other_off).sum(-1).cpu())
-
-
-def _iou_of(both: torch.Tensor, either: torch.Tensor) -> float | None:
-    """``mask_iou`` from the counts of units both masks / either mask switch off per (token, layer)."""
-    valid = either > 0
-    iou = (both[valid] / either[valid]).mean().item()
-    return None if math.isnan(iou) else round(iou, 4)
-
-
-def oracle_overlap(head_keep, neuron_keep, rows, steps) -> list[dict | None]:
-    """Per row: for a label-free score's row, ``{oracle series: {"heads": IoU, "neurons": IoU}}``
-    (``mask_iou``) with the ``ORACLE`` row of the same requested level under the same allocation
-    (``iou_reference``), over the steps the label-free row decoded; None for other rows and when
-    the run lacks that oracle row. Masks ``[rows, T, layers, units]`` of one sample; ``steps``
-    per row.
-
-    Done here because all masks of a sample are in memory; records keep only per-layer kept
-    fractions, and recomputing masks from saved raw scores would need ``save_scores`` (large
-    files) and a second copy of the allocation step (calibrated levels, static thresholds,
-    dense first step).
-    """
-    return oracle_overlaps(head_keep, neuron_keep, rows, [head_keep.shape[1]], [steps])[0].overlaps()
-
-
-@dataclass
-class OraclePairs:
-    """One sample's counts for ``oracle_overlap``, on the host: per pair ``(label-free row, oracle
-    series)``, units switched off in both and in either mask ``[pairs, kind, 2, T, layers]``.
-    The IoUs are taken from them with the records (host work, off the device's path)."""
-
-    rows: int
-    pairs: list[tuple[int, str]]
-    counts: torch.Tensor | None
-
-    def overlaps(self) -> list[dict | None]:
-        found: list[dict | None] = [None] * self.rows
-        for k, (i, reference) in enumerate(self.pairs):
-            heads, neurons = (_iou_of(self.counts[k, kind, 0], self.counts[k, kind, 1]) for kind in (0, 1))
-            found[i] = {reference: {"heads": heads, "neurons": neurons}}
-        return found
-
-
-def oracle_overlaps(head_keep, neuron_keep, rows, lengths: list[int], steps: list[list[int]],
-                    kept: tuple[torch.Tensor, torch.Tensor] | None = None) -> list[OraclePairs]:
-    """``oracle_overlap`` of every sample of a batch: masks ``[rows, tokens, layers, units]`` with
-    ``lengths`` tokens per sample, ``steps`` ``[samples][rows]``; ``kept``: their ``kept_counts``
-    if at hand.
-
-    All pairs of all samples are counted on the device and their counts come to the host in one
-    transfer (on an H200 one small wait per pair took ~2 s per 256 questions).
-    """
-    index = {(series_name(*variant), level): i for i, (variant, level) in enumerate(rows) if variant[0] == ORACLE}
-    pairs = []  # (label-free row, oracle row, oracle series)
-    for i, ((metric, allocation, normalize), level) in enumerate(rows):
-        reference = iou_reference(allocation, normalize)
-        j = index.get((reference, level))
-        if j is not None and SCORES[metric].label_free:
-            pairs.append((i, j, reference))
-    if not pairs:
-        return [OraclePairs(len(rows), [], None) for _ in lengths]
-    device = head_keep.device
-    # within[k, token]: the token is one of the steps pair k's label-free row decoded in its sample;
-    # past them nothing counts as switched off
-    sample = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
-    step = torch.arange(len(sample)) - torch.tensor(_starts(lengths))[sample]
-    decoded = torch.tensor(steps)[:, [i for i, _, _ in pairs]]  # [samples, pairs]
-    within = (step[None, :] < decoded[sample].T).to(device)  # [pairs, tokens]
-    if kept is None:
-        kept = (kept_counts(head_keep), kept_counts(neuron_keep))
-    counts = []  # per pair: [kind, 2, tokens, layers]
-    for k, (i, j, _) in enumerate(pairs):
-        per_kind = []
-        for keep, kept_units in zip((head_keep, neuron_keep), kept):
-            # off in both = units - kept in either; off in either = units - kept in both: one pass over the masks
-            both_kept = kept_counts(keep[i] & keep[j]).long()
-            either_kept = kept_units[i].long() + kept_units[j].long() - both_kept
-            units = keep.shape[-1]
-            per_kind.append(torch.stack([units - either_kept, (units - both_kept) * within[k, :, None]]))
-        counts.append(torch.stack(per_kind))
-    counts = torch.stack(counts).cpu()  # [pairs, kind, 2, tokens, layers]
-    named = [(i, reference) for i, _, reference in pairs]
-    return [OraclePairs(len(rows), named, counts[..., start:start + length, :])
-            for start, length in zip(_starts(lengths), lengths)]

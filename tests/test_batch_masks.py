@@ -11,7 +11,8 @@ import torch
 from pipeline.config import ProtocolConfig
 from pipeline.masks.allocation import allocate
 from pipeline.models.adapters import UnitLayout
-from pipeline.protocol import _keep_masks, _row_stats
+from pipeline.measures.mask_stats import row_stats
+from pipeline.protocol import _keep_masks
 from pipeline.scores.attribution import UnitScores
 
 LAYERS, HEADS, NEURONS = 3, 4, 6
@@ -83,7 +84,7 @@ def test_batch_row_numbers_are_each_samples_own():
     heads, neurons = _keep_masks(_scores(lengths, protocol.metrics, seed=1), lengths, protocol, thresholds=None)
     rng = random.Random(0)
     outputs = [[[7] * rng.randint(0, T) for _ in rows] for T in lengths]  # an empty output counts as one step
-    stats = _row_stats(LAYOUT, heads, neurons, lengths, outputs, protocol)
+    stats = row_stats(LAYOUT, heads, neurons, lengths, outputs, protocol)
     start = 0
     for T, sample_outputs, got in zip(lengths, outputs, stats):
         h, n = heads[:, start:start + T], neurons[:, start:start + T]

@@ -152,7 +152,7 @@ def test_records_carry_mask_iou_with_the_oracle_equal_to_masks_from_saved_scores
 def test_mask_iou_of_known_masks():
     import torch
 
-    from pipeline.protocol import mask_iou, oracle_overlap
+    from pipeline.measures.mask_stats import mask_iou, oracle_overlap
 
     keep = torch.ones(2, 3, 4, dtype=torch.bool)  # [tokens, layers, units]
     other = torch.ones(2, 3, 4, dtype=torch.bool)

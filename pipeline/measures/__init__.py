@@ -1,4 +1,9 @@
-"""Accuracy measures (docs/protocol.md §7): fidelity to the dense output and task accuracy."""
+"""Accuracy measures (docs/protocol.md §7): fidelity to the dense output and task accuracy.
+
+``mask_stats`` (what the masks did: sparsity, kept fractions, overlap with the oracle) is
+imported from its module, not from here: it needs torch, and the command line's
+configuration imports this package without it.
+"""
 
 from pipeline.measures.fidelity import bleu_vs_dense, token_agreement
 from pipeline.measures.task import TASK_MEASURES, task_score
