@@ -1,5 +1,5 @@
 """A batch's keep masks and row numbers, computed for all its samples at once
-(``protocol._keep_masks``, ``protocol._row_stats``), against slow per-sample references."""
+(``protocol._keep_masks``, ``measures.mask_stats.row_stats``), against slow per-sample references."""
 
 from __future__ import annotations
 
