@@ -215,7 +215,7 @@ def flop_rate(model, prompts, labels, seconds, args):
     lengths = [len(p) + len(y) - 1 for p, y in zip(prompts, labels)]
     padded = sum(len(lengths[i:i + args.batch_size]) * max(lengths[i:i + args.batch_size])
                  for i in range(0, len(lengths), args.batch_size))
-    peak = matmul_rate()
+    peak = matmul_rate(args.device)
     lines = []
     for name, tokens in (("padded batch", padded), ("real tokens", sum(lengths))):
         achieved = 3 * 2 * params * tokens / seconds

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.nn.attention import SDPBackend
 
 ROOT = Path(__file__).resolve().parents[1]
 TRUTHFULQA = ROOT / ".." / "shared" / "data" / "truthfulqa" / "TruthfulQA.csv"
@@ -74,7 +75,7 @@ def prompts_and_labels(model, tokenizer, template, args):
 
 def synchronize(device) -> None:
     if str(device).startswith("cuda"):
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
 
 
 def timed(fn, device):
@@ -109,20 +110,20 @@ def dump(obj) -> str:
     return json.dumps(obj, indent=1)
 
 
-def matmul_rate() -> float | None:
-    """Measured bf16 matrix-product rate (FLOP/s) on random data, the limit speed figures are
-    compared with; None on a CPU."""
-    if not torch.cuda.is_available():
+# Attention kernels in PyTorch's order of preference, cuDNN's included (the levers that put it back)
+CUDNN_FIRST = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+def matmul_rate(device="cuda") -> float | None:
+    """Measured bf16 matrix-product rate (FLOP/s) of ``device`` on random data, the limit speed
+    figures are compared with; None on a CPU."""
+    if not torch.cuda.is_available() or not str(device).startswith("cuda"):
         return None
-    a, b = (torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    a, b = (torch.randn(8192, 8192, device=device, dtype=torch.bfloat16) for _ in range(2))
     for _ in range(3):
         a @ b
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(10):
-        a @ b
-    torch.cuda.synchronize()
-    return 10 * 2 * 8192**3 / (time.perf_counter() - start)
+    _, seconds = timed(lambda: [a @ b for _ in range(10)], device)
+    return 10 * 2 * 8192**3 / seconds
 
 
 def make_model(config_dir: str, tokenizer_dir: str, target: Path, dtype: str = "bfloat16") -> None:

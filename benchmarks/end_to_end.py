@@ -32,7 +32,7 @@ import os
 import sys
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 _STARTED = time.perf_counter()
@@ -40,13 +40,14 @@ import torch  # noqa: E402
 from torch.nn.attention import SDPBackend  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, make_model, matmul_rate, record  # noqa: E402
+from common import CUDNN_FIRST, machine, make_model, matmul_rate, record  # noqa: E402
 
 import pipeline.protocol as protocol_module  # noqa: E402
 import pipeline.runner.callbacks as callbacks_module  # noqa: E402
 import pipeline.runner.run as run_module  # noqa: E402
 
 IMPORT_S = time.perf_counter() - _STARTED
+RANK = int(os.environ.get("LOCAL_RANK", "0"))  # this process's rank on its machine (a DDP run's ranks each time theirs)
 PHASES = ["load", "dense labels", "attribution", "masks", "masked decoding", "records", "writing", "host wait",
           "teardown"]
 # lever name -> (module, attribute, value when switched off)
@@ -61,12 +62,8 @@ LEVERS = {
     "batch64": None,  # off: the former default GPU block of 16 samples
     # attention kernels of the captured decoding steps: off = cuDNN's first in the dense (padded) step,
     # or in the masked (shared-prefix) step; or the unfused (math) one only in the dense step
-    "capture_without_cudnn": ("pipeline.decoding.cuda_graph", "CAPTURE_BACKENDS",
-                              [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
-                               SDPBackend.MATH]),
-    "shared_no_cudnn": ("pipeline.decoding.shared_prefix", "ATTENTION_BACKENDS",
-                        [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
-                         SDPBackend.MATH]),
+    "capture_without_cudnn": ("pipeline.decoding.cuda_graph", "CAPTURE_BACKENDS", CUDNN_FIRST),
+    "shared_no_cudnn": ("pipeline.decoding.shared_prefix", "ATTENTION_BACKENDS", CUDNN_FIRST),
     "capture_fused": ("pipeline.decoding.cuda_graph", "CAPTURE_BACKENDS", [SDPBackend.MATH]),
 }
 
@@ -130,8 +127,9 @@ class Timer:
         setattr(owner, attribute, timed)
         self._undo.append((owner, attribute, original))
 
-    def wrap_detail(self, owner, attribute: str, name: str):
-        """Also time every call of ``owner.attribute`` on its own (synchronised at its edges), inside its phase."""
+    def wrap_timed(self, owner, attribute: str, add):
+        """Also time every call of ``owner.attribute`` on its own (synchronised at its edges), inside its
+        phase; ``add(seconds)`` records each."""
         original = getattr(owner, attribute)
 
         def timed(*args, **kwargs):
@@ -141,10 +139,17 @@ class Timer:
                 return original(*args, **kwargs)
             finally:
                 self._edge()
-                self.detail[name] = self.detail.get(name, 0.0) + time.perf_counter() - start
+                add(time.perf_counter() - start)
 
         setattr(owner, attribute, timed)
         self._undo.append((owner, attribute, original))
+
+    def add_detail(self, name: str, seconds: float) -> None:
+        self.detail[name] = self.detail.get(name, 0.0) + seconds
+
+    def add_capture(self, seconds: float) -> None:
+        self.captures[0] += 1
+        self.captures[1] += seconds
 
     def undo(self):
         for owner, attribute, original in reversed(self._undo):
@@ -152,13 +157,14 @@ class Timer:
         self._undo.clear()
 
 
-# --detail: steps inside the phases, each timed on its own: (module, attribute, name)
+# --detail: steps inside the phases, each timed on its own: (module, attribute (dotted within it), name)
 DETAIL = [
     ("pipeline.decoding.generation", "decode_captured_padded", "dense labels: padded steps incl. capture"),
     ("pipeline.decoding.generation", "_masked_works", "masked: per-sample work"),
-    ("pipeline.decoding.shared_prefix.SharedPrefixCache", "start", "masked: prefixes gathered"),
-    ("pipeline.decoding.shared_prefix.SharedPrefixDecoder", "_capture", "masked: capture"),
+    ("pipeline.decoding.shared_prefix", "SharedPrefixCache.start", "masked: prefixes gathered"),
+    ("pipeline.decoding.shared_prefix", "SharedPrefixDecoder._capture", "masked: capture"),
     ("pipeline.decoding.cuda_graph", "replay_steps", "decoding: replayed steps"),
+    ("pipeline.decoding.shared_prefix", "replay_steps", "decoding: replayed steps"),  # imported by name there
     ("pipeline.measures.mask_stats", "oracle_overlaps", "records: oracle pairs"),
     ("pipeline.protocol", "prompt_ids", "prompts: tokenised"),
     ("pipeline.protocol", "answer_length", "prompts: answer lengths"),
@@ -166,16 +172,13 @@ DETAIL = [
 
 
 def install_detail(timer: Timer) -> None:
+    import functools
     import importlib
 
-    for path, attribute, name in DETAIL:
-        module_name, _, owner_name = path.partition(".SharedPrefix")
-        owner = importlib.import_module(module_name)
-        if owner_name:
-            owner = getattr(owner, "SharedPrefix" + owner_name)
-        timer.wrap_detail(owner, attribute, name)
-    import pipeline.decoding.shared_prefix as shared_prefix_module  # imported `replay_steps` by name
-    timer.wrap_detail(shared_prefix_module, "replay_steps", "decoding: replayed steps")
+    for module_name, dotted, name in DETAIL:
+        *owners, attribute = dotted.split(".")
+        owner = functools.reduce(getattr, owners, importlib.import_module(module_name))
+        timer.wrap_timed(owner, attribute, functools.partial(timer.add_detail, name))
 
 
 def install(timer: Timer) -> None:
@@ -212,20 +215,7 @@ def install(timer: Timer) -> None:
     import pipeline.decoding.shared_prefix as shared_prefix_module
 
     for owner in (cuda_graph_module, shared_prefix_module):  # each imported `capture` by name
-        original = owner.capture
-
-        def counted(step, reset, original=original):
-            timer._edge()
-            start = time.perf_counter()
-            try:
-                return original(step, reset)
-            finally:
-                timer._edge()
-                timer.captures[0] += 1
-                timer.captures[1] += time.perf_counter() - start
-
-        owner.capture = counted
-        timer._undo.append((owner, "capture", original))
+        timer.wrap_timed(owner, "capture", timer.add_capture)
 
 
 class GpuBusy:
@@ -317,8 +307,8 @@ def one_run(args, label: str, off: set[str], model_name: str, rate, gpus: int, f
     from pipeline.scores.metrics import DEFAULT_METRICS
 
     metrics = list(DEFAULT_METRICS) + [m for m in args.metrics if m not in DEFAULT_METRICS]
-    out = Path(args.workdir) / f"run_{label.replace(':', '_').replace('+', '_')}_{gpus}gpu"
-    if out.exists() and int(os.environ.get("LOCAL_RANK", "0")) == 0:
+    out = Path(args.workdir) / f"run_{_file_label(label)}_{gpus}gpu"
+    if out.exists() and RANK == 0:
         import shutil
 
         shutil.rmtree(out)
@@ -338,19 +328,17 @@ def one_run(args, label: str, off: set[str], model_name: str, rate, gpus: int, f
     if args.detail:
         install_detail(timer)
     profiler = None
-    if args.profile and int(os.environ.get("LOCAL_RANK", "0")) == 0:
+    if args.profile and RANK == 0:
         import cProfile
 
         profiler = cProfile.Profile()
-    from contextlib import nullcontext
-
-    tracer = nullcontext()
-    if args.trace and int(os.environ.get("LOCAL_RANK", "0")) == 0 and last:
+    tracer = None
+    if args.trace and RANK == 0 and last:
         activities = [torch.profiler.ProfilerActivity.CPU] + (
             [torch.profiler.ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
         tracer = torch.profiler.profile(activities=activities)
     try:
-        with GpuBusy() as busy, tracer:
+        with GpuBusy() as busy, tracer or nullcontext():
             start = time.perf_counter()
             if profiler:
                 profiler.enable()
@@ -375,7 +363,7 @@ def one_run(args, label: str, off: set[str], model_name: str, rate, gpus: int, f
               "first_question": first_question, "detail": dict(timer.detail)}
     if profiler:
         write_profile(profiler, Path(args.profile), label)
-    if args.trace and not isinstance(tracer, nullcontext):
+    if tracer:
         result["device_idle"] = write_trace(tracer, Path(args.trace), label)
     if rate:
         from transformers import AutoConfig
@@ -393,31 +381,35 @@ def one_run(args, label: str, off: set[str], model_name: str, rate, gpus: int, f
     return result
 
 
+def _file_label(label: str) -> str:
+    return label.replace(":", "_").replace("+", "_")
+
+
+def _numbered_file(folder: Path, kind: str, label: str) -> Path:
+    """``folder/<kind>_<n>_<label>.txt``, n counting the runs of this kind written there."""
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / f"{kind}_{len(list(folder.glob(f'{kind}_*.txt')))}_{_file_label(label)}.txt"
+
+
 def write_profile(profiler, folder: Path, label: str) -> None:
     """The run's functions by cumulative and by own time (main thread), as text files."""
     import io
     import pstats
 
-    folder.mkdir(parents=True, exist_ok=True)
-    runs = len(list(folder.glob("profile_*.txt")))
     text = io.StringIO()
     stats = pstats.Stats(profiler, stream=text)
     stats.sort_stats("cumulative").print_stats(70)
     stats.sort_stats("tottime").print_stats(50)
-    name = label.replace(":", "_").replace("+", "_")
-    (folder / f"profile_{runs}_{name}.txt").write_text(text.getvalue())
+    _numbered_file(folder, "profile", label).write_text(text.getvalue())
 
 
 def write_trace(tracer, folder: Path, label: str) -> dict[str, float]:
     """torch.profiler's operators of the run by device time and by host time, phases included."""
-    folder.mkdir(parents=True, exist_ok=True)
-    runs = len(list(folder.glob("trace_*.txt")))
     events = tracer.key_averages()
     device = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
     text = (events.table(sort_by=device, row_limit=45, max_name_column_width=70)
             + "\n\n" + events.table(sort_by="cpu_time_total", row_limit=60, max_name_column_width=70))
-    name = label.replace(":", "_").replace("+", "_")
-    (folder / f"trace_{runs}_{name}.txt").write_text(text)
+    _numbered_file(folder, "trace", label).write_text(text)
     return device_idle(tracer)
 
 
@@ -529,7 +521,7 @@ def main():
     model_name = args.model
     if args.config:
         model_name = str(Path(args.workdir) / f"model_{Path(args.config).name}_{args.dtype}")
-        if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        if RANK == 0:
             make_model(args.config, args.tokenizer, Path(model_name), args.dtype)
     rate = matmul_rate()
     print(f"pipeline from {Path(protocol_module.__file__).parent}; imports {IMPORT_S:.1f} s")
@@ -544,13 +536,13 @@ def main():
             raise SystemExit(f"unknown lever(s) {sorted(unknown)}; choose from {', '.join(LEVERS)}")
         result = one_run(args, variant, off, model_name, rate, args.gpus,
                          number * args.questions if args.new_questions else 0, last=number == len(args.variants) - 1)
-        if int(os.environ.get("LOCAL_RANK", "0")) != 0:
-            Path(args.workdir, f"phases_{variant}.rank{os.environ['LOCAL_RANK']}.json").write_text(json.dumps(result))
+        if RANK != 0:
+            Path(args.workdir, f"phases_{variant}.rank{RANK}.json").write_text(json.dumps(result))
             continue
         results.append(result)
         lines += report(result, rate)
         print("\n".join(report(result, rate)), flush=True)
-    if int(os.environ.get("LOCAL_RANK", "0")) != 0:
+    if RANK != 0:
         return
     if args.gpus > 1:  # the other ranks' phases, once they have written them
         deadline = time.time() + 120

@@ -25,7 +25,7 @@ import torch
 from torch.nn.attention import SDPBackend
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import matmul_rate  # noqa: E402
+from common import CUDNN_FIRST, matmul_rate  # noqa: E402
 
 import pipeline.decoding.cuda_graph as cuda_graph  # noqa: E402
 import pipeline.decoding.shared_prefix as shared_prefix  # noqa: E402
@@ -34,7 +34,7 @@ from pipeline.hooks import UnitHooks  # noqa: E402
 from pipeline.models.adapters import layout_for  # noqa: E402
 
 BACKENDS = {
-    "all": [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH],
+    "all": CUDNN_FIRST,
     "math": [SDPBackend.MATH],
     "efficient": [SDPBackend.EFFICIENT_ATTENTION],
     "cudnn": [SDPBackend.CUDNN_ATTENTION],

@@ -9,7 +9,7 @@ level 0.5. Run from the repository root: python results/claims.py
 from pathlib import Path
 
 from pipeline.errors import UserError
-from pipeline.results.report import RunData, find_runs, text_report
+from pipeline.results.report import RunData, find_runs, load_runs, text_report
 from pipeline.results.summary import LOSS_LABEL
 
 ROOT = Path(__file__).resolve().parent
@@ -46,7 +46,7 @@ def main() -> None:
             gpu = " (GPU)" if row["where"] == "paper_ig" else ""
             print(f"| {model} | {dataset} | {metric}{gpu} | {row['samples']} | {fmt(*row['headline'])} | {at_half} |")
     # scores x allocations (README "How sparse can these SLMs get?"): the report's matrix and headroom table
-    allocation = ([RunData(run_dir) for run_dir in find_runs([str(ROOT / "allocation")])]  # loaded once, used twice
+    allocation = (load_runs([str(ROOT / "allocation")])  # loaded once, used twice
                   if any((ROOT / "allocation").rglob("run.json")) else [])
     if allocation:
         print()

@@ -69,7 +69,7 @@ class DenseRun:
     @property
     def kv(self) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
         """Per layer ``(keys, values)`` ``[1, kv heads, prompt + tokens[:-1], dim]``, or None."""
-        return None if self.batch_kv is None else self._kv(len(self.prompt_ids) + len(self.tokens) - 1)
+        return None if self.batch_kv is None else self._columns(len(self.prompt_ids) + len(self.tokens) - 1).layers()
 
     def prefix(self, model, steps: int) -> tuple[DynamicCache, torch.Tensor]:
         """The cache (batch 1) of the prompt and the first ``steps`` dense tokens but the last one,
@@ -77,21 +77,19 @@ class DenseRun:
         fed = self._fed(steps)
         if self.batch_kv is None:  # a sliding-window layer had dropped early positions: recompute them
             return _encode(model, fed[:-1]), fed[-1:].view(1, 1)
-        return _cache_of(model, self._kv(len(fed) - 1)), fed[-1:].view(1, 1)
+        return _cache_of(model, self._columns(len(fed) - 1).layers()), fed[-1:].view(1, 1)
 
     def prefix_kv(self, model, steps: int) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
         """``prefix`` as per-layer ``(keys, values)`` (empty for a one-token prefix), without a cache object."""
-        fed = self._fed(steps)
-        if self.batch_kv is None:
-            return cached_kv(_encode(model, fed[:-1])), fed[-1:].view(1, 1)
-        return self._kv(len(fed) - 1), fed[-1:].view(1, 1)
+        prefix, first_input = self.shared_prefix(model, steps)
+        return prefix.layers(), first_input
 
     def shared_prefix(self, model, steps: int) -> tuple[shared_prefix.Prefix, torch.Tensor]:
         """``prefix_kv`` as a ``Prefix`` of the batch's keys and values, without slicing them."""
         fed = self._fed(steps)
         if self.batch_kv is None:
             return shared_prefix.Prefix(cached_kv(_encode(model, fed[:-1])), 0, 0, len(fed) - 1), fed[-1:].view(1, 1)
-        return shared_prefix.Prefix(self.batch_kv, self.row, self.start, len(fed) - 1), fed[-1:].view(1, 1)
+        return self._columns(len(fed) - 1), fed[-1:].view(1, 1)
 
     def prefix_length(self, steps: int) -> int:
         """Positions in ``prefix``: a sliding-window layer may hold fewer of them."""
@@ -101,9 +99,9 @@ class DenseRun:
         return torch.cat([self.prompt_ids, torch.tensor(self.tokens[:steps], dtype=torch.long,
                                                         device=self.prompt_ids.device)])
 
-    def _kv(self, length: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        row, columns = slice(self.row, self.row + 1), slice(self.start, self.start + length)
-        return [(keys[row, :, columns], values[row, :, columns]) for keys, values in self.batch_kv] if length else []
+    def _columns(self, length: int) -> shared_prefix.Prefix:
+        """The first ``length`` columns of this run in the batch's keys and values."""
+        return shared_prefix.Prefix(self.batch_kv, self.row, self.start, length)
 
 
 def _cache_of(model, kv) -> DynamicCache:
@@ -401,7 +399,7 @@ def _masked_groups_shared(model, work: list[_MaskedWork], todo: list[int], eos, 
     samples, leave rows that decode with nothing switched off and are dropped.
     """
     prefixes = {i: work[i].dense.shared_prefix(model, work[i].shared) for i in todo}
-    lengths = {i: work[i].dense.prefix_length(work[i].shared) for i in todo}
+    lengths = {i: prefixes[i][0].length for i in todo}
     left = {i: len(work[i].dense.tokens) - work[i].shared for i in todo}  # steps to decode
     rows = max(len(work[i].active) for i in todo)
     width = padded_capacity(max(lengths.values()))

@@ -76,6 +76,11 @@ class Prefix:
     first: int = 0
     length: int = 0
 
+    def layers(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The prefix alone: per layer ``(keys, values)`` ``[1, kv heads, length, dim]`` (empty if length 0)."""
+        row, columns = slice(self.row, self.row + 1), slice(self.first, self.first + self.length)
+        return [(keys[row, :, columns], values[row, :, columns]) for keys, values in self.kv] if self.length else []
+
 
 class SharedPrefixCache:
     """Keys and values of a group of ``samples`` samples with ``rows`` rows each.

@@ -20,10 +20,10 @@ from pipeline.errors import UserError
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    from pipeline.lmeval.run import TASKS_DIR, _require_lm_eval
+    from pipeline.lmeval.run import TASKS_DIR, require_lm_eval
 
     try:
-        _require_lm_eval()
+        require_lm_eval()
         import pipeline.lmeval.model  # noqa: F401  (registers "sparseact")
         from lm_eval.__main__ import cli_evaluate
 

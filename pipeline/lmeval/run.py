@@ -33,7 +33,7 @@ from pipeline.results.store import atomic_write_text, fingerprint
 TASKS_DIR = Path(__file__).resolve().parents[2] / "configs" / "lm_eval" / "tasks"
 
 
-def _require_lm_eval():
+def require_lm_eval():
     try:
         import lm_eval  # noqa: F401
     except ImportError:
@@ -61,18 +61,11 @@ def task_manager(tasks: list[str], include_path: list[str], data_dir: str | None
     return manager
 
 
-def check(model: ModelConfig, tasks: list[str], score: str, level: float, allocation: str, batch_size: int,
-          limit: float | None, ig_steps: int, include_path: list[str], data_dir: str | None):
-    """Everything about one run that can be refused before its model is loaded (one ``UserError``);
-    returns lm-eval's TaskManager for its tasks."""
-    check_arguments(model, tasks, score, level, allocation, batch_size, limit, ig_steps)
-    return task_manager(tasks, include_path, data_dir)
-
-
 def check_arguments(model: ModelConfig, tasks: list[str], score: str, level: float, allocation: str, batch_size: int,
                     limit: float | None, ig_steps: int) -> None:
-    """``check`` without the tasks' index: the arguments alone."""
-    _require_lm_eval()
+    """Everything about one run's arguments that can be refused before its model is loaded (one
+    ``UserError``); ``task_manager`` then checks its tasks."""
+    require_lm_eval()
     from pipeline.lmeval.model import check_args
 
     check_args(score, level, allocation, model.dtype, batch_size, ig_steps)
@@ -143,7 +136,8 @@ def run_lmeval(model: ModelConfig, tasks: list[str], score: str, level: float, a
                dense_first_step: bool, batch_size: int, limit: float | None, num_fewshot: int | None,
                gen_kwargs: str | None, include_path: list[str], data_dir: str | None, output_dir: str | None,
                device: str, ig_steps: int, apply_chat_template: bool, progress: bool) -> Path:
-    manager = check(model, tasks, score, level, allocation, batch_size, limit, ig_steps, include_path, data_dir)
+    check_arguments(model, tasks, score, level, allocation, batch_size, limit, ig_steps)
+    manager = task_manager(tasks, include_path, data_dir)
     # a missing data file: one line before the model loads or anything is written
     tasks_sha256 = check_task_data(tasks, manager, limit)
     from pipeline.lmeval.model import SparseActLM

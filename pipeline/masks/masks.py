@@ -20,11 +20,16 @@ def unit_ranks(importance: torch.Tensor) -> torch.Tensor:
     NaN ranks above every number."""
     order = importance.argsort(dim=-1, stable=True)
     units = importance.shape[-1]
-    # the narrowest integer that holds a rank: the masks compare every rank with every level (a
-    # Phi-2 batch: 10 levels x 3e8 ranks), so int16 moves a quarter of int64's bytes
-    dtype = torch.int16 if units < 2**15 else torch.int32 if units < 2**31 else torch.int64
+    # the masks compare every rank with every level (a Phi-2 batch: 10 levels x 3e8 ranks), so
+    # int16 moves a quarter of int64's bytes
+    dtype = _narrowest_integer(units)
     rank = torch.empty(order.shape, dtype=dtype, device=order.device)
     return rank.scatter_(-1, order, torch.arange(units, dtype=dtype, device=order.device).expand_as(order))
+
+
+def _narrowest_integer(count: int) -> torch.dtype:
+    """The narrowest integer dtype that holds 0 .. count - 1."""
+    return torch.int16 if count <= 2**15 else torch.int32 if count <= 2**31 else torch.int64
 
 
 def keep_masks(importance: torch.Tensor, levels: list[float]) -> torch.Tensor:
@@ -47,7 +52,7 @@ def kept_counts(keep: torch.Tensor) -> torch.Tensor:
     counted as bytes (on a CPU 3.5x faster than summing bools, which counts in int64)."""
     if keep.dtype != torch.bool:
         keep = keep != 0
-    return keep.view(torch.uint8).sum(-1, dtype=torch.int16 if keep.shape[-1] < 2**15 else torch.int32)
+    return keep.view(torch.uint8).sum(-1, dtype=_narrowest_integer(keep.shape[-1] + 1))
 
 
 def sparsity_of_counts(head_counts: torch.Tensor, neuron_counts: torch.Tensor, heads: int, neurons: int,

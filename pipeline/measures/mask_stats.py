@@ -13,6 +13,7 @@ the IoUs are taken from them with the records (``OraclePairs``), off the device'
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -42,7 +43,7 @@ class RowStats:
 
 def token_starts(lengths: list[int]) -> list[int]:
     """Where each sample's tokens start in a batch's tokens."""
-    return [sum(lengths[:i]) for i in range(len(lengths))]
+    return [0, *itertools.accumulate(lengths)][:-1]
 
 
 def row_stats(layout, head_keep: torch.Tensor, neuron_keep: torch.Tensor, lengths: list[int], outputs,

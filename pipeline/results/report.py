@@ -80,6 +80,11 @@ def find_runs(paths: list[str]) -> list[Path]:
     return runs
 
 
+def load_runs(paths: list[str]) -> list["RunData"]:
+    """Every run under ``paths`` (``find_runs``), loaded."""
+    return [RunData(run_dir) for run_dir in find_runs(paths)]
+
+
 def label_free(series: str) -> bool:
     """Whether a series' score is label-free (deployable), from the score table."""
     return is_label_free(series.split("/")[0])
@@ -519,7 +524,7 @@ def _img(data: bytes, cls: str, alt: str) -> str:
 
 def write_report(paths: list[str], output: str | None, heatmap_metric: str | None = None,
                  heatmap_level: float = 0.5) -> Path:
-    runs = [RunData(p) for p in find_runs(paths)]
+    runs = load_runs(paths)
     out = Path(output or paths[0])
     out.mkdir(parents=True, exist_ok=True)
     assets = out / "report_assets"
@@ -662,7 +667,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output", help="where report.html goes (without --print)")
     args = parser.parse_args(argv)
     if args.print:
-        print(text_report([RunData(p) for p in find_runs(args.runs)]))
+        print(text_report(load_runs(args.runs)))
     else:
         write_report(args.runs, args.output)
 

@@ -52,8 +52,7 @@ class SparseActivationModule(L.LightningModule):
         # devices may order near-equal values differently, so all ranks take rank 0's. Here and
         # not in on_predict_start: a rank without a block skips its predict loop and its hooks,
         # and rank 0 would wait for it in the broadcast forever.
-        shared = self.trainer.strategy.broadcast((self.thresholds, self.layer_levels), src=0)
-        self.thresholds, self.layer_levels = shared
+        self.thresholds, self.layer_levels = self.trainer.strategy.broadcast((self.thresholds, self.layer_levels), src=0)
 
     def predict_step(self, batch: Block, batch_idx: int):
         """The batch's device work; returns its host work (building the records), which the
