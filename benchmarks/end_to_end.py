@@ -7,12 +7,13 @@ thread), samples/s, and the ratio of the prediction time to its FLOP limit (issu
 per sample (T dense steps + 3 x attributed positions + decoded masked rows x T) x 2 x
 non-embedding parameters, over the measured bf16 matmul rate).
 
-Phases: ``load`` (questions, model), ``dense labels``, ``attribution``, ``masks``,
+Phases: ``load`` (questions, model), ``start-up`` (Lightning's strategy: with DDP the process
+group and rank 0's weights sent to the others), ``dense labels``, ``attribution``, ``masks``,
 ``masked decoding``, ``records`` (row numbers on the device: ``measures/mask_stats.py``; records on the host),
 ``writing`` (records, summary, plot), ``host wait`` (for the record writer's thread,
 which on a GPU builds and writes batch k while batch k+1 computes; what that thread
-spends is listed apart), ``teardown`` (Lightning's end of predict),
-``other`` (the rest: start-up, Lightning, calibration). With ``--sync`` (default on a
+spends is listed apart), ``teardown`` (Lightning's end of predict), ``barrier`` (DDP: waiting
+for the other ranks), ``other`` (the rest: Lightning, calibration). With ``--sync`` (default on a
 GPU) the timer synchronises CUDA at each phase edge, so GPU work is charged to the
 phase that queued it.
 
@@ -48,8 +49,8 @@ import pipeline.runner.run as run_module  # noqa: E402
 
 IMPORT_S = time.perf_counter() - _STARTED
 RANK = int(os.environ.get("LOCAL_RANK", "0"))  # this process's rank on its machine (a DDP run's ranks each time theirs)
-PHASES = ["load", "dense labels", "attribution", "masks", "masked decoding", "records", "writing", "host wait",
-          "teardown"]
+PHASES = ["load", "start-up", "dense labels", "attribution", "masks", "masked decoding", "records", "writing", "host wait",
+          "teardown", "barrier"]
 # lever name -> (module, attribute, value when switched off)
 LEVERS = {
     "dense_graphs": ("pipeline.decoding.generation", "DENSE_GRAPHS", False),
@@ -65,6 +66,11 @@ LEVERS = {
     "capture_without_cudnn": ("pipeline.decoding.cuda_graph", "CAPTURE_BACKENDS", CUDNN_FIRST),
     "shared_no_cudnn": ("pipeline.decoding.shared_prefix", "ATTENTION_BACKENDS", CUDNN_FIRST),
     "capture_fused": ("pipeline.decoding.cuda_graph", "CAPTURE_BACKENDS", [SDPBackend.MATH]),
+    # DDP start-up of the predict loop: off = rank 0 does not send its weights to the other ranks
+    # (each loaded the same files), or the process group is gloo's rather than NCCL's
+    "weight_sync": ("lightning.pytorch.strategies.ddp", "_sync_module_states", lambda module: None),
+    "nccl": ("lightning.pytorch.strategies.ddp", "_get_default_process_group_backend_for_device",
+             lambda device: "gloo"),
 }
 
 
@@ -211,11 +217,46 @@ def install(timer: Timer) -> None:
     timer.wrap(run_module, "write_summary", "writing")
     timer.wrap(run_module, "plot_curves", "writing")
     timer.wrap(strategy_module.Strategy, "teardown", "teardown", before=teardown_start)
+    from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+
+    for strategy in (strategy_module.Strategy, SingleDeviceStrategy, DDPStrategy):  # each its own overrides
+        for attribute in ("setup_environment", "setup"):
+            if attribute in vars(strategy):
+                timer.wrap(strategy, attribute, "start-up")
+    timer.wrap(DDPStrategy, "barrier", "barrier")
     import pipeline.decoding.cuda_graph as cuda_graph_module
     import pipeline.decoding.shared_prefix as shared_prefix_module
 
     for owner in (cuda_graph_module, shared_prefix_module):  # each imported `capture` by name
         timer.wrap_timed(owner, "capture", timer.add_capture)
+
+
+class GarbageCollections:
+    """Seconds Python's cyclic garbage collector ran during the run (any thread), by generation:
+    a full collection scans every tracked object of the process (the model's modules included)."""
+
+    def __init__(self):
+        self.seconds = [0.0, 0.0, 0.0]
+        self.counts = [0, 0, 0]
+        self._start = 0.0
+
+    def _callback(self, phase, info):
+        if phase == "start":
+            self._start = time.perf_counter()
+        else:
+            self.seconds[info["generation"]] += time.perf_counter() - self._start
+            self.counts[info["generation"]] += 1
+
+    def __enter__(self):
+        import gc
+
+        gc.callbacks.append(self._callback)
+        return self
+
+    def __exit__(self, *exc):
+        import gc
+
+        gc.callbacks.remove(self._callback)
 
 
 class GpuBusy:
@@ -338,7 +379,7 @@ def one_run(args, label: str, off: set[str], model_name: str, rate, gpus: int, f
             [torch.profiler.ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
         tracer = torch.profiler.profile(activities=activities)
     try:
-        with GpuBusy() as busy, tracer or nullcontext():
+        with GpuBusy() as busy, GarbageCollections() as collections, tracer or nullcontext():
             start = time.perf_counter()
             if profiler:
                 profiler.enable()
@@ -360,6 +401,7 @@ def one_run(args, label: str, off: set[str], model_name: str, rate, gpus: int, f
     result = {"label": label, "off": sorted(off), "total_s": total, "prediction_s": prediction, "samples": samples,
               "phases": dict(timer.seconds), "background": dict(timer.background), "busy": busy.fraction(timer.first_batch or start, end_of_prediction),
               "shapes": timer.shapes, "metrics": metrics, "levels": protocol.levels, "captures": timer.captures,
+              "gc": [collections.counts, collections.seconds],
               "first_question": first_question, "detail": dict(timer.detail)}
     if profiler:
         write_profile(profiler, Path(args.profile), label)
@@ -472,6 +514,9 @@ def report(result: dict, rate) -> list[str]:
     extra = []
     if result.get("captures", [0])[0]:
         extra.append(f"{result['captures'][0]} CUDA graphs captured in {result['captures'][1]:.2f} s")
+    if result.get("gc"):
+        (_, _, full), (_, _, full_s) = result["gc"]
+        extra.append(f"Python's garbage collector {sum(result['gc'][1]):.2f} s ({full} full collections, {full_s:.2f} s)")
     if result.get("busy") is not None:
         extra.append(f"GPU busy {result['busy']:.0%} over the prediction (NVML)")
     if result.get("flop_limit_s"):
@@ -523,6 +568,10 @@ def main():
         model_name = str(Path(args.workdir) / f"model_{Path(args.config).name}_{args.dtype}")
         if RANK == 0:
             make_model(args.config, args.tokenizer, Path(model_name), args.dtype)
+        else:  # rank 0 makes it; its tokenizer is saved last
+            deadline = time.time() + 900
+            while not (Path(model_name) / "tokenizer_config.json").exists() and time.time() < deadline:
+                time.sleep(1)
     rate = matmul_rate()
     print(f"pipeline from {Path(protocol_module.__file__).parent}; imports {IMPORT_S:.1f} s")
     results, lines = [], []

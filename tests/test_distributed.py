@@ -167,3 +167,71 @@ def test_a_rank_without_a_block_finishes(tiny_dir, reference, tmp_path, launcher
     assert len(records) == 2 * 5 * 3
     expected = {(r.sample_id, r.metric, r.level): r for r in read_records(reference)}
     assert all(expected[(r.sample_id, r.metric, r.level)] == r for r in records)
+
+
+RANK_ARGUMENTS = """\
+import os, sys
+from pipeline.cli import main
+rank = os.environ["LOCAL_RANK"]
+argv = sys.argv[1:]
+argv[argv.index("--run.output_dir") + 1] += f"_{rank}"  # its own directory: each rank reaches its predict loop
+if rank == "1":
+    argv[argv.index("--data.limit") + 1] = "2"  # other questions: another run
+sys.exit(main(argv))
+"""
+
+
+def test_ranks_that_resolved_different_runs_all_stop(tiny_dir, tmp_path):
+    """Ranks keep the weights they loaded (no broadcast from rank 0), so a rank that read other
+    files or arguments must not run: every rank stops with one message, none waits forever."""
+    script = tmp_path / "rank_arguments.py"
+    script.write_text(RANK_ARGUMENTS)
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+               *_command(tiny_dir, out, 2)[3:]]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
+                               start_new_session=True)
+    try:
+        _, stderr = process.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        raise
+    assert process.returncode != 0
+    assert stderr.count("rank(s) 1 resolved a different run than rank 0") == 2, stderr[-8000:]  # rank 0's and rank 1's
+    assert not list(tmp_path.glob("run_*/records*.jsonl"))
+
+
+def test_predict_strategy_keeps_each_ranks_weights(monkeypatch):
+    """--run.strategy ddp: gloo, and the predict loop's setup sends no weights (Lightning's
+    DDPStrategy does: the same check fails for it)."""
+    import lightning as L
+    import lightning.pytorch.strategies.ddp as ddp
+    import torch
+    from lightning.pytorch.strategies import DDPStrategy
+
+    from pipeline.runner.strategy import PredictDDPStrategy, strategy_for
+
+    class Probe(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.layer = torch.nn.Linear(2, 2)
+
+        def predict_step(self, batch, batch_idx):
+            return self.layer(batch)
+
+    synced = []
+    monkeypatch.setattr(ddp, "_sync_module_states", lambda module: synced.append(module))
+    loader = torch.utils.data.DataLoader(torch.ones(2, 2), batch_size=2)
+    try:
+        for strategy, sends in ((strategy_for("ddp"), False), (DDPStrategy(), True)):
+            trainer = L.Trainer(accelerator="cpu", devices=1, strategy=strategy, logger=False,
+                                enable_progress_bar=False, enable_model_summary=False)
+            synced.clear()
+            trainer.predict(Probe(), loader)
+            assert bool(synced) == sends
+    finally:  # the process group of this one-rank DDP: not left to later tests of this process
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    assert isinstance(strategy_for("ddp"), PredictDDPStrategy) and strategy_for("ddp").process_group_backend == "gloo"
+    assert strategy_for("auto") == "auto"

@@ -4,6 +4,7 @@ import random
 
 import pytest
 import sacrebleu
+from conftest import SHARED_DATA
 
 from pipeline.measures import bleu_vs_dense, task_score, token_agreement
 from pipeline.measures.task import final_reference_number, last_number
@@ -20,6 +21,32 @@ def test_bleu_equals_sacrebleu():
         ref = " ".join(rng.choices(WORDS, k=rng.randint(1, 15)))
         expected = sacrebleu.corpus_bleu([hyp], [[ref]]).score
         assert bleu_vs_dense([1, 2], [3], hyp, ref) == expected
+
+
+def test_sentence_bleu_equals_sacrebleu_on_answers_and_odd_text():
+    """Texts as runs make them: TruthfulQA's answers against each other (when the data is here),
+    cut and shuffled, with punctuation, digits, repeats, unicode, spaces at the ends, and empty."""
+    from pipeline.measures.fidelity import sentence_bleu
+
+    rng = random.Random(1)
+    texts = ["", " ", "Yes", "Yes.", "yes yes yes yes yes", "It's 3.5 km - or 2,000 m!", "Ça va? Ça va.",
+             "  leading and trailing  ", "(a) [b] {c} \"d\" 'e'", "1 2 3 4 5 6 7 8 9 10"]
+    csv = SHARED_DATA / "truthfulqa" / "TruthfulQA.csv"
+    if csv.exists():
+        import csv as csv_module
+
+        with csv.open(newline="", encoding="utf-8") as handle:
+            rows = list(csv_module.DictReader(handle))
+        texts += [row["Best Answer"] for row in rng.sample(rows, 150)] + [row["Question"] for row in rng.sample(rows, 50)]
+    for text in list(texts):
+        words = text.split()
+        rng.shuffle(words)
+        texts.append(" ".join(words[: rng.randint(0, len(words))]))
+        texts.append(text + " " + " ".join(rng.choices(WORDS, k=rng.randint(0, 6))))
+    pairs = [(rng.choice(texts), rng.choice(texts)) for _ in range(3000)] + [(t, t) for t in texts[:40]]
+    for hypothesis, reference in pairs:
+        assert sentence_bleu(hypothesis, reference) == sacrebleu.corpus_bleu([hypothesis], [[reference]]).score, \
+            (hypothesis, reference)
 
 
 def test_identical_tokens_score_100_even_when_sacrebleu_would_not():

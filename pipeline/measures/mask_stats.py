@@ -6,9 +6,9 @@
 * **overlap with the oracle**: for a label-free score's row, the IoU of its switched-off
   units with those of the ``ORACLE`` row at the same level (docs/protocol.md §7).
 
-All are counts of 0/1 mask entries (exact in any order of summation) divided once, taken for
-a whole batch where the masks are (``row_stats``); only the counts come to the host, and
-the IoUs are taken from them with the records (``OraclePairs``), off the device's path.
+Sparsity and kept fractions are counts of 0/1 mask entries (exact in any order of summation)
+divided once; IoUs are float64 means of ratios of such counts. All are taken for a whole batch
+where the masks are (``row_stats``), and only the numbers come to the host, in one transfer per kind.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ class RowStats:
     sparsity: torch.Tensor
     kept_heads: torch.Tensor
     kept_neurons: torch.Tensor
-    pairs: "OraclePairs"  # the counts behind each row's mask IoU with the oracle's row (``oracle_overlap``)
+    pairs: "OraclePairs"  # each row's mask IoU with the oracle's row (``oracle_overlap``)
 
 
 def token_starts(lengths: list[int]) -> list[int]:
@@ -84,13 +84,13 @@ def mask_iou(keep: torch.Tensor, other: torch.Tensor) -> float | None:
     """IoU of the switched-off sets of two keep masks ``[T, layers, units]``, per (token, layer),
     averaged over the (token, layer) pairs where either switches something off (None if none does)."""
     off, other_off = ~keep, ~other
-    return _iou_of((off & other_off).sum(-1).cpu(), (off | other_off).sum(-1).cpu())
-
-
-def _iou_of(both: torch.Tensor, either: torch.Tensor) -> float | None:
-    """``mask_iou`` from the counts of units both masks / either mask switch off per (token, layer)."""
+    both, either = (off & other_off).sum(-1), (off | other_off).sum(-1)
     valid = either > 0
-    iou = (both[valid] / either[valid]).mean().item()
+    return _rounded_iou((both[valid].double() / either[valid].double()).mean().item())
+
+
+def _rounded_iou(iou: float) -> float | None:
+    """An IoU as records carry it: 4 places; None (NaN) where neither mask switched anything off."""
     return None if math.isnan(iou) else round(iou, 4)
 
 
@@ -111,19 +111,18 @@ def oracle_overlap(head_keep, neuron_keep, rows, steps) -> list[dict | None]:
 
 @dataclass
 class OraclePairs:
-    """One sample's counts for ``oracle_overlap``, on the host: per pair ``(label-free row, oracle
-    series)``, units switched off in both and in either mask ``[pairs, kind, 2, T, layers]``.
-    The IoUs are taken from them with the records (host work, off the device's path)."""
+    """One sample's ``oracle_overlap``, on the host: per pair ``(label-free row, oracle series)``,
+    the IoU of its heads and of its neurons ``[pairs, 2]`` (float64, NaN where neither mask
+    switched anything off). Turned into the records' dicts with the records (host work)."""
 
     rows: int
     pairs: list[tuple[int, str]]
-    counts: torch.Tensor | None
+    ious: torch.Tensor | None
 
     def overlaps(self) -> list[dict | None]:
         found: list[dict | None] = [None] * self.rows
-        for k, (i, reference) in enumerate(self.pairs):
-            heads, neurons = (_iou_of(self.counts[k, kind, 0], self.counts[k, kind, 1]) for kind in (0, 1))
-            found[i] = {reference: {"heads": heads, "neurons": neurons}}
+        for (i, reference), (heads, neurons) in zip(self.pairs, self.ious.tolist() if self.pairs else []):
+            found[i] = {reference: {"heads": _rounded_iou(heads), "neurons": _rounded_iou(neurons)}}
         return found
 
 
@@ -133,8 +132,9 @@ def oracle_overlaps(head_keep, neuron_keep, rows, lengths: list[int], steps: lis
     ``lengths`` tokens per sample, ``steps`` ``[samples][rows]``; ``kept``: their ``kept_counts``
     if at hand.
 
-    All pairs of all samples are counted on the device and their counts come to the host in one
-    transfer (on an H200 one small wait per pair took ~2 s per 256 questions).
+    The IoUs of all pairs of all samples are computed on the device and come to the host in one
+    transfer (on an H200 one small wait per pair took ~2 s per 256 questions; IoUs taken per pair
+    and sample on the host, a third of a batch's record building).
     """
     index = {(series_name(*variant), level): i for i, (variant, level) in enumerate(rows) if variant[0] == ORACLE}
     pairs = []  # (label-free row, oracle row, oracle series)
@@ -154,17 +154,27 @@ def oracle_overlaps(head_keep, neuron_keep, rows, lengths: list[int], steps: lis
     within = (step[None, :] < decoded[sample].T).to(device)  # [pairs, tokens]
     if kept is None:
         kept = (kept_counts(head_keep), kept_counts(neuron_keep))
-    counts = []  # per pair: [kind, 2, tokens, layers]
+    # per pair, kind and token: the sum over layers of |off in both| / |off in either| where either
+    # switches something off, and how many layers do
+    ratio_sums, valid_layers = [], []
     for k, (i, j, _) in enumerate(pairs):
-        per_kind = []
         for keep, kept_units in zip((head_keep, neuron_keep), kept):
             # off in both = units - kept in either; off in either = units - kept in both: one pass over the masks
             both_kept = kept_counts(keep[i] & keep[j]).long()
             either_kept = kept_units[i].long() + kept_units[j].long() - both_kept
             units = keep.shape[-1]
-            per_kind.append(torch.stack([units - either_kept, (units - both_kept) * within[k, :, None]]))
-        counts.append(torch.stack(per_kind))
-    counts = torch.stack(counts).cpu()  # [pairs, kind, 2, tokens, layers]
+            both_off, either_off = units - either_kept, (units - both_kept) * within[k, :, None]  # [tokens, layers]
+            valid = either_off > 0
+            ratio_sums.append((both_off.double() / either_off.clamp(min=1).double() * valid).sum(-1))
+            valid_layers.append(valid.sum(-1))
+    # per sample: sums over its tokens, as differences of running sums (deterministic, unlike atomic adds)
+    ends = torch.tensor(list(itertools.accumulate(lengths)), device=device)
+
+    def per_sample(values: torch.Tensor) -> torch.Tensor:  # [pairs x kinds, tokens] -> [pairs x kinds, samples]
+        running = F.pad(values.cumsum(1), (1, 0))
+        return running[:, ends] - running[:, ends - torch.tensor(lengths, device=device)]
+
+    ious = (per_sample(torch.stack(ratio_sums)) / per_sample(torch.stack(valid_layers)).double())
+    ious = ious.view(len(pairs), 2, len(lengths)).permute(2, 0, 1).cpu()  # [samples, pairs, kind]: one transfer
     named = [(i, reference) for i, _, reference in pairs]
-    return [OraclePairs(len(rows), named, counts[..., start:start + length, :])
-            for start, length in zip(token_starts(lengths), lengths)]
+    return [OraclePairs(len(rows), named, sample_ious) for sample_ious in ious]

@@ -9,6 +9,7 @@ import lightning as L
 
 from pipeline.config import ProtocolConfig
 from pipeline.data.datamodule import Block
+from pipeline.errors import UserError
 from pipeline.hooks import UnitHooks
 from pipeline.models.adapters import layout_for
 from pipeline.protocol import decode_batch
@@ -17,6 +18,23 @@ KEEP_ON_DEVICE_AT_TEARDOWN = True  # Lightning's teardown would copy the model t
 # cuDNN's attention builds a plan for every new shape (each block, each captured step size):
 # seconds each, where the other kernels cost the same per call without it
 NO_CUDNN_ATTENTION = True
+
+
+def _same_run_on_every_rank(fingerprint: str | None) -> None:
+    """Every rank resolved the same run (weights, questions, settings: the fingerprint), or every
+    rank stops with the same message. Ranks keep the weights they loaded (``runner/strategy.py``)
+    and write into one directory, so a rank that read other files must not run."""
+    import torch.distributed as dist
+
+    if fingerprint is None or not (dist.is_available() and dist.is_initialized()):
+        return
+    fingerprints = [None] * dist.get_world_size()
+    dist.all_gather_object(fingerprints, fingerprint)
+    differing = [rank for rank, other in enumerate(fingerprints) if other != fingerprints[0]]
+    if differing:
+        raise UserError(f"rank(s) {', '.join(map(str, differing))} resolved a different run than rank 0 (another "
+                        "fingerprint: other weights, questions or settings); every rank must read the same files "
+                        "with the same arguments")
 
 
 def _attention_kernels():
@@ -31,7 +49,7 @@ def _attention_kernels():
 
 class SparseActivationModule(L.LightningModule):
     def __init__(self, model, tokenizer, template: str, protocol: ProtocolConfig, task: str, stop_ids: list[int],
-                 thresholds: dict | None = None, layer_levels: dict | None = None):
+                 thresholds: dict | None = None, layer_levels: dict | None = None, fingerprint: str | None = None):
         super().__init__()
         self.model = model
         self.tokenizer = tokenizer
@@ -41,6 +59,7 @@ class SparseActivationModule(L.LightningModule):
         self.stop_ids = stop_ids
         self.thresholds = thresholds  # calibrated thresholds of the static metric
         self.layer_levels = layer_levels  # {metric: [levels, layers]} of the calibrated allocation
+        self.fingerprint = fingerprint  # of the run this rank resolved (run.json): all ranks must agree
         self.layout = layout_for(model)
         # the run's hooks: installed for the predict loop by MaskingCallback, passed to every step
         self.unit_hooks = UnitHooks(self.layout)
@@ -52,6 +71,7 @@ class SparseActivationModule(L.LightningModule):
         # devices may order near-equal values differently, so all ranks take rank 0's. Here and
         # not in on_predict_start: a rank without a block skips its predict loop and its hooks,
         # and rank 0 would wait for it in the broadcast forever.
+        _same_run_on_every_rank(self.fingerprint)
         self.thresholds, self.layer_levels = self.trainer.strategy.broadcast((self.thresholds, self.layer_levels), src=0)
 
     def predict_step(self, batch: Block, batch_idx: int):

@@ -32,6 +32,7 @@ from pipeline.runner.callbacks import MaskingCallback, RecordWriter
 from pipeline.runner.module import SparseActivationModule
 from pipeline.runner.lock import RunLock, process_rank
 from pipeline.runner.preemption import Interrupted, Preempted, PreemptionCallback, requeue_slurm_job
+from pipeline.runner.strategy import strategy_for
 from pipeline.scores.metrics import SCORES
 
 
@@ -189,7 +190,8 @@ def _evaluate_locked(job: Job, model: ModelConfig, data: DataConfig, protocol: P
         preemption = PreemptionCallback()
         try:
             trainer = L.Trainer(
-                accelerator=run.accelerator, devices=run.devices, num_nodes=run.num_nodes, strategy=run.strategy,
+                accelerator=run.accelerator, devices=run.devices, num_nodes=run.num_nodes,
+                strategy=strategy_for(run.strategy),
                 logger=False, enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=run.progress,
                 inference_mode=False,  # attribution needs autograd inside predict_step
                 use_distributed_sampler=False,  # the data module deals whole blocks of samples to the ranks
@@ -213,7 +215,7 @@ def _evaluate_locked(job: Job, model: ModelConfig, data: DataConfig, protocol: P
         layer_levels = levels.tensors(loaded.model, loaded.tokenizer, template, calibration, stop_ids, run_dir,
                                       write=trainer.global_rank == 0)
         module = SparseActivationModule(loaded.model, loaded.tokenizer, template, protocol, task, stop_ids, thresholds,
-                                        layer_levels)
+                                        layer_levels, info["fingerprint"])
         started = time.time()
         try:
             trainer.predict(module, datamodule=SampleDataModule(samples, batch_size, done), return_predictions=False)

@@ -1,0 +1,41 @@
+"""The strategy behind ``--run.strategy ddp``: Lightning's DDP, cut to what a predict loop needs.
+
+A run's ranks never exchange tensors: they exchange a few Python objects (rank 0's calibrated
+levels and thresholds, every rank's run fingerprint) and wait at barriers. Lightning's DDP
+is built for training and, for a predict loop too, starts NCCL on every GPU and sends rank 0's
+weights to every other rank. On two H200s with a Phi-2-sized model those took 2.5 s of a 7.4 s
+run of 256 questions (``benchmarks/RESULTS.md``, session 6). Here the process group is gloo's,
+and each rank keeps the weights it loaded: every rank loaded weights identified by their content,
+and ``SparseActivationModule.setup`` refuses to run unless all ranks resolved the same run
+(the same fingerprint: weights, questions, settings).
+"""
+
+from __future__ import annotations
+
+from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.trainer.states import TrainerFn
+
+
+class PredictDDPStrategy(DDPStrategy):
+    """``DDPStrategy`` over gloo whose predict-loop setup does not broadcast rank 0's weights."""
+
+    strategy_name = "ddp"
+
+    def __init__(self, **kwargs):
+        kwargs.setdefault("process_group_backend", "gloo")
+        super().__init__(**kwargs)
+
+    def setup(self, trainer) -> None:
+        if trainer.state.fn != TrainerFn.PREDICTING:
+            super().setup(trainer)
+            return
+        # DDPStrategy.setup's predict path, less its broadcast of rank 0's weights
+        self.accelerator.setup(trainer)
+        self.precision_plugin.convert_module(self.model)
+        self.model_to_device()
+        self.setup_precision_plugin()
+
+
+def strategy_for(name: str):
+    """What ``L.Trainer(strategy=...)`` gets for ``--run.strategy``: ours for ``ddp``, else the name."""
+    return PredictDDPStrategy() if name == "ddp" else name
