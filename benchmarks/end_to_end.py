@@ -68,6 +68,7 @@ LEVERS = {
     "capture_fused": ("pipeline.decoding.cuda_graph", "CAPTURE_BACKENDS", [SDPBackend.MATH]),
     # DDP start-up of the predict loop: off = rank 0 does not send its weights to the other ranks
     # (each loaded the same files), or the process group is gloo's rather than NCCL's
+    "gc_freeze": ("pipeline.runner.run", "FREEZE_OBJECTS_IN_PREDICT", False),
     "weight_sync": ("lightning.pytorch.strategies.ddp", "_sync_module_states", lambda module: None),
     "nccl": ("lightning.pytorch.strategies.ddp", "_get_default_process_group_backend_for_device",
              lambda device: "gloo"),
@@ -238,6 +239,7 @@ class GarbageCollections:
     def __init__(self):
         self.seconds = [0.0, 0.0, 0.0]
         self.counts = [0, 0, 0]
+        self.full = []  # (start, seconds) of each full collection
         self._start = 0.0
 
     def _callback(self, phase, info):
@@ -246,6 +248,11 @@ class GarbageCollections:
         else:
             self.seconds[info["generation"]] += time.perf_counter() - self._start
             self.counts[info["generation"]] += 1
+            if info["generation"] == 2:
+                self.full.append((self._start, time.perf_counter() - self._start))
+
+    def in_window(self, start: float, end: float) -> list[float]:
+        return [seconds for begun, seconds in self.full if start <= begun <= end]
 
     def __enter__(self):
         import gc
@@ -402,6 +409,7 @@ def one_run(args, label: str, off: set[str], model_name: str, rate, gpus: int, f
               "phases": dict(timer.seconds), "background": dict(timer.background), "busy": busy.fraction(timer.first_batch or start, end_of_prediction),
               "shapes": timer.shapes, "metrics": metrics, "levels": protocol.levels, "captures": timer.captures,
               "gc": [collections.counts, collections.seconds],
+              "gc_in_prediction": collections.in_window(timer.first_batch or start, end_of_prediction),
               "first_question": first_question, "detail": dict(timer.detail)}
     if profiler:
         write_profile(profiler, Path(args.profile), label)
@@ -516,7 +524,9 @@ def report(result: dict, rate) -> list[str]:
         extra.append(f"{result['captures'][0]} CUDA graphs captured in {result['captures'][1]:.2f} s")
     if result.get("gc"):
         (_, _, full), (_, _, full_s) = result["gc"]
-        extra.append(f"Python's garbage collector {sum(result['gc'][1]):.2f} s ({full} full collections, {full_s:.2f} s)")
+        inside = result.get("gc_in_prediction", [])
+        extra.append(f"Python's garbage collector {sum(result['gc'][1]):.2f} s ({full} full collections, {full_s:.2f} s; "
+                     f"{len(inside)} in the prediction, {sum(inside):.2f} s)")
     if result.get("busy") is not None:
         extra.append(f"GPU busy {result['busy']:.0%} over the prediction (NVML)")
     if result.get("flop_limit_s"):
