@@ -19,8 +19,6 @@ from lightning.pytorch.trainer.states import TrainerFn
 class PredictDDPStrategy(DDPStrategy):
     """``DDPStrategy`` over gloo whose predict-loop setup does not broadcast rank 0's weights."""
 
-    strategy_name = "ddp"
-
     def __init__(self, **kwargs):
         kwargs.setdefault("process_group_backend", "gloo")
         super().__init__(**kwargs)
