@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -33,6 +34,8 @@ def evaluate(model: Path, args, gpus: int, out: Path, launcher_name: str = "ligh
                "--data.limit", str(args.questions), "--protocol.max_new_tokens", str(args.max_new_tokens),
                "--run.accelerator", "gpu", "--run.devices", str(gpus), "--run.output_dir", str(out),
                "--run.progress", "false"] + (["--run.strategy", "ddp"] if gpus > 1 else [])
+    if out.exists():  # an earlier benchmark's run: it would be resumed, with nothing left to evaluate
+        shutil.rmtree(out)
     started = time.time()
     result = subprocess.run(command, capture_output=True, text=True)
     wall = time.time() - started
