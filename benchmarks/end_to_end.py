@@ -386,6 +386,7 @@ def one_run(args, label: str, off: set[str], model_name: str, rate, gpus: int, f
         tracer = torch.profiler.profile(activities=activities)
     try:
         with GpuBusy() as busy, GarbageCollections() as collections, tracer or nullcontext():
+            allocator = torch.cuda.memory_stats() if torch.cuda.is_available() else {}
             start = time.perf_counter()
             if profiler:
                 profiler.enable()
@@ -401,13 +402,18 @@ def one_run(args, label: str, off: set[str], model_name: str, rate, gpus: int, f
         gc.collect()  # the run's model and captured graphs, before the next variant loads its own
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+    if allocator:  # the caching allocator's calls to the driver during the run
+        after = torch.cuda.memory_stats()
+        allocator = {key: after.get(key, 0) - allocator.get(key, 0)
+                     for key in ("num_device_alloc", "num_device_free", "num_alloc_retries")}
+        allocator["reserved_peak_gib"] = after.get("reserved_bytes.all.peak", 0) / 2**30
     end_of_prediction = timer.teardown_start or time.perf_counter()
     prediction = end_of_prediction - (timer.first_batch or start)
     samples = len(timer.shapes)
     result = {"label": label, "off": sorted(off), "total_s": total, "prediction_s": prediction, "samples": samples,
               "phases": dict(timer.seconds), "background": dict(timer.background), "busy": busy.fraction(timer.first_batch or start, end_of_prediction),
               "shapes": timer.shapes, "metrics": metrics, "levels": protocol.levels, "captures": timer.captures,
-              "gc": [collections.counts, collections.seconds],
+              "gc": [collections.counts, collections.seconds], "allocator": allocator,
               "gc_in_prediction": collections.in_window(timer.first_batch or start, end_of_prediction),
               "first_question": first_question, "detail": dict(timer.detail)}
     if profiler:
@@ -526,6 +532,10 @@ def report(result: dict, rate) -> list[str]:
         inside = result.get("gc_in_prediction", [])
         extra.append(f"Python's garbage collector {sum(result['gc'][1]):.2f} s ({full} full collections, {full_s:.2f} s; "
                      f"{len(inside)} in the prediction, {sum(inside):.2f} s)")
+    if result.get("allocator"):
+        a = result["allocator"]
+        extra.append(f"CUDA allocator: {a['num_device_alloc']} cudaMalloc, {a['num_device_free']} cudaFree, "
+                     f"{a['num_alloc_retries']} cache flushes after out-of-memory; reserved peak {a['reserved_peak_gib']:.1f} GiB")
     if result.get("busy") is not None:
         extra.append(f"GPU busy {result['busy']:.0%} over the prediction (NVML)")
     if result.get("flop_limit_s"):
