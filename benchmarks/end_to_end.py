@@ -68,6 +68,7 @@ LEVERS = {
     "capture_fused": ("pipeline.decoding.cuda_graph", "CAPTURE_BACKENDS", [SDPBackend.MATH]),
     # DDP start-up of the predict loop: off = rank 0 does not send its weights to the other ranks
     # (each loaded the same files), or the process group is gloo's rather than NCCL's
+    "gc_freeze": ("pipeline.runner.run", "FREEZE_OBJECTS_IN_PREDICT", False),
     "weight_sync": ("lightning.pytorch.strategies.ddp", "_sync_module_states", lambda module: None),
     "nccl": ("lightning.pytorch.strategies.ddp", "_get_default_process_group_backend_for_device",
              lambda device: "gloo"),

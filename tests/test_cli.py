@@ -202,6 +202,35 @@ def test_background_records_are_the_synchronous_ones(tiny_dir, tmp_path, monkeyp
     assert (tmp_path / "background" / "records.jsonl").read_bytes() == (tmp_path / "sync" / "records.jsonl").read_bytes()
 
 
+def test_objects_of_before_prediction_are_left_out_of_garbage_collections(tiny_dir, tmp_path, monkeypatch):
+    """While predicting, the objects that existed before (libraries, model) are frozen out of the
+    garbage collector's scans; afterwards they are the collector's again, also after a failure."""
+    import gc
+
+    from pipeline.runner import module
+
+    frozen = []
+    step = module.SparseActivationModule.predict_step
+
+    def recording(self, *args, **kwargs):
+        frozen.append(gc.get_freeze_count())
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(module.SparseActivationModule, "predict_step", recording)
+    before = gc.get_freeze_count()
+    main(_args(tiny_dir, tmp_path / "run", "--run.batch_size", "2"))
+    assert frozen and all(count > 10000 for count in frozen)
+    assert gc.get_freeze_count() == before
+
+    def failing(self, *args, **kwargs):
+        raise RuntimeError("device lost (simulated)")
+
+    monkeypatch.setattr(module.SparseActivationModule, "predict_step", failing)
+    with pytest.raises(RuntimeError):
+        main(_args(tiny_dir, tmp_path / "failed"))
+    assert gc.get_freeze_count() == before
+
+
 class _Trainer:
     world_size, global_rank = 1, 0
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import signal
 import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -156,6 +158,26 @@ def evaluate(
         return _evaluate_locked(job, model, data, protocol, run, session_started)
 
 
+FREEZE_OBJECTS_IN_PREDICT = True
+
+
+@contextmanager
+def _long_lived_objects_frozen():
+    """Python's garbage collector leaves the objects that exist when prediction starts (the
+    libraries', the model's modules: ~500k) out of its collections until it ends. They are not
+    garbage, and a full collection inside the predict loop scanned them all: 0.31 and 0.38 s in
+    two of six cold Phi-2-shape runs on an H200, with the device waiting; frozen, such a
+    collection took under 0.01 s (``benchmarks/RESULTS.md``, session 6)."""
+    if not FREEZE_OBJECTS_IN_PREDICT:
+        yield
+        return
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
 @dataclass
 class Job:
     """What the run resolved before it took the directory's lock: passed on explicitly."""
@@ -218,7 +240,8 @@ def _evaluate_locked(job: Job, model: ModelConfig, data: DataConfig, protocol: P
                                         layer_levels, info["fingerprint"])
         started = time.time()
         try:
-            trainer.predict(module, datamodule=SampleDataModule(samples, batch_size, done), return_predictions=False)
+            with _long_lived_objects_frozen():
+                trainer.predict(module, datamodule=SampleDataModule(samples, batch_size, done), return_predictions=False)
         except Preempted as stop:
             requeued = stop.signum == signal.SIGUSR1 and run.requeue and requeue_slurm_job()
             if trainer.global_rank == 0:
