@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 import pytest
 from conftest import make_tiny_checkpoint
@@ -223,6 +224,10 @@ def test_predict_strategy_keeps_each_ranks_weights(monkeypatch):
     synced = []
     monkeypatch.setattr(ddp, "_sync_module_states", lambda module: synced.append(module))
     loader = torch.utils.data.DataLoader(torch.ones(2, 2), batch_size=2)
+    # Lightning writes the process group's address and port into the environment: kept from the
+    # later tests' subprocesses, which would otherwise all try this (still bound) port
+    environment = mock.patch.dict(os.environ)
+    environment.start()
     try:
         for strategy, sends in ((strategy_for("ddp"), False), (DDPStrategy(), True)):
             trainer = L.Trainer(accelerator="cpu", devices=1, strategy=strategy, logger=False,
@@ -233,5 +238,6 @@ def test_predict_strategy_keeps_each_ranks_weights(monkeypatch):
     finally:  # the process group of this one-rank DDP: not left to later tests of this process
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+        environment.stop()
     assert isinstance(strategy_for("ddp"), PredictDDPStrategy) and strategy_for("ddp").process_group_backend == "gloo"
     assert strategy_for("auto") == "auto"
