@@ -158,7 +158,7 @@ def evaluate(
         return _evaluate_locked(job, model, data, protocol, run, session_started)
 
 
-FREEZE_OBJECTS_IN_PREDICT = True
+FREEZE_OBJECTS_IN_PREDICT = True  # off: a lever of benchmarks/end_to_end.py (gc_freeze)
 
 
 @contextmanager
