@@ -177,6 +177,44 @@ def test_captured_steps_of_a_longer_batch_serve_a_shorter_one(monkeypatch):
     assert counts[0] == 2 and counts[1] == 2  # one padded and one shared-prefix decoder, made for the first batch only
 
 
+def test_a_kept_shared_step_of_another_group_size_serves_while_few_slots_stay_empty(monkeypatch):
+    """The group size follows the device's free memory, which moves between batches: a kept
+    shared-prefix step of another group size serves the next batch (no new capture) as long as
+    its groups hold at most a quarter more sample slots, and decodes the eager loop's tokens;
+    a batch that would leave most of its slots empty gets a step of its own."""
+    import pipeline.decoding.generation as generation
+
+    from pipeline.hooks import UnitHooks
+
+    model = tiny_model("llama")
+    model.set_attn_implementation("sdpa")
+    layout = layout_for(model)
+    hooks = UnitHooks(layout)  # the run's, as a run passes them to every batch
+    torch.manual_seed(6)
+
+    def batch(samples: int):
+        prompts = [torch.randint(1, 90, (int(torch.randint(3, 9, ()).item()),)) for _ in range(samples)]
+        dense = generation.dense_generate_batch(model, prompts, [6] * samples, [])
+        keeps = [(torch.rand(3, len(d.tokens), layout.num_layers, layout.num_heads) > 0.3,
+                  torch.rand(3, len(d.tokens), layout.num_layers, layout.num_neurons) > 0.4) for d in dense]
+        return dense, [h for h, _ in keeps], [n for _, n in keeps]
+
+    batches = [batch(4), batch(4), batch(1)]
+    expected = [generation.masked_after_dense_batch(model, *b, [], hooks) for b in batches]  # eager on the CPU
+    _call_instead_of_capture(monkeypatch)
+    made = []
+    original = generation.shared_prefix.SharedPrefixDecoder
+    monkeypatch.setattr(generation.shared_prefix, "SharedPrefixDecoder",
+                        lambda *a, **k: made.append(a[1]) or original(*a, **k))
+    budgets = iter([4, 3, 4])  # samples per group the memory allows: 4, then 3 (groups of 2), then 4
+    monkeypatch.setattr(generation, "_group_samples", lambda *a, **k: next(budgets))
+    for number, ((dense, heads, neurons), want) in enumerate(zip(batches, expected)):
+        assert generation.masked_after_dense_batch(model, dense, heads, neurons, [], hooks) == want, number
+    # the first batch's step of 4 samples serves the second (4 slots, where groups of 2 have 4);
+    # one sample in groups of 4 would leave 3 of 4 slots empty: a step of 1 sample is made
+    assert made == [4, 1]
+
+
 def _call_instead_of_capture(monkeypatch):
     """Captured steps allowed on the CPU: each 'replay' calls the step (the GPU path, run eagerly)."""
     import pipeline.decoding.cuda_graph as cuda_graph

@@ -407,8 +407,8 @@ def _masked_groups_shared(model, work: list[_MaskedWork], todo: list[int], eos, 
     # samples of similar prefix length and steps share a group: fewer wasted steps
     order = sorted(todo, key=lambda i: (left[i], lengths[i]))
     count = -(-len(order) // _group_samples(model, hooks.layout, rows, width, steps))
-    samples = -(-len(order) // count)
-    decoder = decoder_for(model, samples, rows, width, steps, hooks.layout)
+    decoder = decoder_for(model, -(-len(order) // count), rows, width, steps, hooks.layout, todo=len(order))
+    samples = decoder.cache.samples  # a kept decoder's group size may differ
     device = work[todo[0]].dense.prompt_ids.device
 
     def per_row(values: list[torch.Tensor], fill) -> torch.Tensor:

@@ -242,11 +242,20 @@ class SharedPrefixDecoder:
 DECODERS_KEPT = 2  # a group's cache is large: keep the most recently used few
 
 
-def decoder_for(model, samples: int, rows: int, width: int, steps: int, layout) -> SharedPrefixDecoder:
+def decoder_for(model, samples: int, rows: int, width: int, steps: int, layout, todo: int | None = None
+                ) -> SharedPrefixDecoder:
     """The model's decoder of this group shape (made, and captured at its first use, once), or a kept
-    one of as many samples and rows with room for as wide a prefix and as many steps, up to twice
-    as many (the extra columns stay invisible, and a capture costs more than they do)."""
+    one of as many rows with room for as wide a prefix and as many steps, up to twice as many (the
+    extra columns stay invisible, and a capture costs more than they do).
+
+    A kept decoder of another group size serves ``todo`` samples too when its groups hold at most
+    a quarter more sample slots than groups of ``samples`` would (the caller groups by the
+    decoder's ``samples``). The group size follows the device's free memory, which moves from
+    batch to batch (the kept decoder's own cache is counted as used): on an H200 a run of 4
+    batches captured 3 shared steps, each with its own memory pool allocated and freed."""
+    todo = todo or samples
+    slots = lambda size: -(-todo // size) * size  # noqa: E731 - samples decoded, empty ones included
     return recent_decoder(model, ("shared", samples, rows, width, steps), DECODERS_KEPT,
                           lambda: SharedPrefixDecoder(model, samples, rows, width, steps, layout),
-                          fits=lambda key: key[1:3] == (samples, rows) and width <= key[3] <= 2 * width
-                          and steps <= key[4] <= 2 * steps)
+                          fits=lambda key: key[2] == rows and width <= key[3] <= 2 * width
+                          and steps <= key[4] <= 2 * steps and 4 * slots(key[1]) <= 5 * slots(samples))
