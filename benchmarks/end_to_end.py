@@ -8,7 +8,7 @@ per sample (T dense steps + 3 x attributed positions + decoded masked rows x T) 
 non-embedding parameters, over the measured bf16 matmul rate).
 
 Phases: ``load`` (questions, model), ``start-up`` (Lightning's strategy: with DDP the process
-group and rank 0's weights sent to the others), ``dense labels``, ``attribution``, ``masks``,
+group), ``dense labels``, ``attribution``, ``masks``,
 ``masked decoding``, ``records`` (row numbers on the device: ``measures/mask_stats.py``; records on the host),
 ``writing`` (records, summary, plot), ``host wait`` (for the record writer's thread,
 which on a GPU builds and writes batch k while batch k+1 computes; what that thread
@@ -66,12 +66,10 @@ LEVERS = {
     "capture_without_cudnn": ("pipeline.decoding.cuda_graph", "CAPTURE_BACKENDS", CUDNN_FIRST),
     "shared_no_cudnn": ("pipeline.decoding.shared_prefix", "ATTENTION_BACKENDS", CUDNN_FIRST),
     "capture_fused": ("pipeline.decoding.cuda_graph", "CAPTURE_BACKENDS", [SDPBackend.MATH]),
-    # DDP start-up of the predict loop: off = rank 0 does not send its weights to the other ranks
-    # (each loaded the same files), or the process group is gloo's rather than NCCL's
     "gc_freeze": ("pipeline.runner.run", "FREEZE_OBJECTS_IN_PREDICT", False),
-    "weight_sync": ("lightning.pytorch.strategies.ddp", "_sync_module_states", lambda module: None),
-    "nccl": ("lightning.pytorch.strategies.ddp", "_get_default_process_group_backend_for_device",
-             lambda device: "gloo"),
+    # off: --run.strategy ddp is Lightning's own DDPStrategy (NCCL, rank 0's weights sent to the
+    # other ranks) instead of runner/strategy.py's
+    "predict_ddp": ("pipeline.runner.run", "strategy_for", lambda name: name),
 }
 
 
@@ -220,7 +218,9 @@ def install(timer: Timer) -> None:
     timer.wrap(strategy_module.Strategy, "teardown", "teardown", before=teardown_start)
     from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 
-    for strategy in (strategy_module.Strategy, SingleDeviceStrategy, DDPStrategy):  # each its own overrides
+    from pipeline.runner.strategy import PredictDDPStrategy
+
+    for strategy in (strategy_module.Strategy, SingleDeviceStrategy, DDPStrategy, PredictDDPStrategy):  # own overrides
         for attribute in ("setup_environment", "setup"):
             if attribute in vars(strategy):
                 timer.wrap(strategy, attribute, "start-up")
@@ -586,11 +586,15 @@ def main():
     model_name = args.model
     if args.config:
         model_name = str(Path(args.workdir) / f"model_{Path(args.config).name}_{args.dtype}")
+        ready = Path(model_name) / "complete"  # written once the model and its tokenizer are saved
         if RANK == 0:
             make_model(args.config, args.tokenizer, Path(model_name), args.dtype)
-        else:  # rank 0 makes it; its tokenizer is saved last
+            ready.touch()
+        else:
             deadline = time.time() + 900
-            while not (Path(model_name) / "tokenizer_config.json").exists() and time.time() < deadline:
+            while not ready.exists():
+                if time.time() > deadline:
+                    raise SystemExit(f"rank {RANK}: rank 0 did not save {model_name} within 900 s")
                 time.sleep(1)
     rate = matmul_rate()
     print(f"pipeline from {Path(protocol_module.__file__).parent}; imports {IMPORT_S:.1f} s")

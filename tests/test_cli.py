@@ -230,6 +230,15 @@ def test_objects_of_before_prediction_are_left_out_of_garbage_collections(tiny_d
         main(_args(tiny_dir, tmp_path / "failed"))
     assert gc.get_freeze_count() == before
 
+    gc.freeze()  # a caller that froze its own objects keeps them frozen
+    try:
+        frozen_by_caller = gc.get_freeze_count()
+        monkeypatch.setattr(module.SparseActivationModule, "predict_step", recording)
+        main(_args(tiny_dir, tmp_path / "caller_froze", "--run.batch_size", "2"))
+        assert gc.get_freeze_count() > frozen_by_caller // 2  # still frozen (a few objects are freed meanwhile)
+    finally:
+        gc.unfreeze()
+
 
 class _Trainer:
     world_size, global_rank = 1, 0

@@ -199,20 +199,25 @@ def test_a_kept_shared_step_of_another_group_size_serves_while_few_slots_stay_em
                   torch.rand(3, len(d.tokens), layout.num_layers, layout.num_neurons) > 0.4) for d in dense]
         return dense, [h for h, _ in keeps], [n for _, n in keeps]
 
-    batches = [batch(4), batch(4), batch(1)]
+    batches = [batch(4), batch(4), batch(1), batch(4)]
     expected = [generation.masked_after_dense_batch(model, *b, [], hooks) for b in batches]  # eager on the CPU
     _call_instead_of_capture(monkeypatch)
     made = []
     original = generation.shared_prefix.SharedPrefixDecoder
     monkeypatch.setattr(generation.shared_prefix, "SharedPrefixDecoder",
                         lambda *a, **k: made.append(a[1]) or original(*a, **k))
-    budgets = iter([4, 3, 4])  # samples per group the memory allows: 4, then 3 (groups of 2), then 4
+    served = []  # the group size of each replayed group
+    decode = original.decode
+    monkeypatch.setattr(original, "decode", lambda self, *a, **k: served.append(self.cache.samples) or decode(self, *a, **k))
+    budgets = iter([4, 3, 4, 3])  # samples per group the memory allows: 4, 3 (groups of 2), 4, 3
     monkeypatch.setattr(generation, "_group_samples", lambda *a, **k: next(budgets))
     for number, ((dense, heads, neurons), want) in enumerate(zip(batches, expected)):
         assert generation.masked_after_dense_batch(model, dense, heads, neurons, [], hooks) == want, number
     # the first batch's step of 4 samples serves the second (4 slots, where groups of 2 have 4);
-    # one sample in groups of 4 would leave 3 of 4 slots empty: a step of 1 sample is made
+    # one sample in groups of 4 would leave 3 of 4 slots empty: a step of 1 sample is made; the
+    # fourth batch takes the step of 4 again, not the more recent one of 1 (4 groups, where 2 do)
     assert made == [4, 1]
+    assert served == [4, 4, 1, 4]
 
 
 def _call_instead_of_capture(monkeypatch):

@@ -248,14 +248,20 @@ def decoder_for(model, samples: int, rows: int, width: int, steps: int, layout, 
     one of as many rows with room for as wide a prefix and as many steps, up to twice as many (the
     extra columns stay invisible, and a capture costs more than they do).
 
-    A kept decoder of another group size serves ``todo`` samples too when its groups hold at most
-    a quarter more sample slots than groups of ``samples`` would (the caller groups by the
-    decoder's ``samples``). The group size follows the device's free memory, which moves from
-    batch to batch (the kept decoder's own cache is counted as used): on an H200 a run of 4
-    batches captured 3 shared steps, each with its own memory pool allocated and freed."""
+    A kept decoder of another group size serves ``todo`` samples too (the caller groups by the
+    decoder's ``samples``) when it needs no more groups than ``samples`` would, its groups hold
+    at most a quarter more sample slots, and it is at most twice as large (a group's masks grow
+    with it). The group size follows the device's free memory, which moves from batch to batch
+    (the kept decoder's own cache counts as used), and each new size is a capture with its own
+    memory pool."""
     todo = todo or samples
-    slots = lambda size: -(-todo // size) * size  # noqa: E731 - samples decoded, empty ones included
+    groups = lambda size: -(-todo // size)  # noqa: E731
+
+    def fits(key) -> bool:
+        kept = key[1]
+        return (key[2] == rows and width <= key[3] <= 2 * width and steps <= key[4] <= 2 * steps
+                and kept <= 2 * samples and groups(kept) <= groups(samples)
+                and 4 * groups(kept) * kept <= 5 * groups(samples) * samples)
+
     return recent_decoder(model, ("shared", samples, rows, width, steps), DECODERS_KEPT,
-                          lambda: SharedPrefixDecoder(model, samples, rows, width, steps, layout),
-                          fits=lambda key: key[2] == rows and width <= key[3] <= 2 * width
-                          and steps <= key[4] <= 2 * steps and 4 * slots(key[1]) <= 5 * slots(samples))
+                          lambda: SharedPrefixDecoder(model, samples, rows, width, steps, layout), fits=fits)

@@ -53,9 +53,10 @@ def row_stats(layout, head_keep: torch.Tensor, neuron_keep: torch.Tensor, length
     (the samples' tokens one after the other, ``lengths`` each; ``protocol._keep_masks``) and
     its decoded ``outputs`` (per sample and row, the tokens).
 
-    Computed where the masks are, for the whole batch at once; counts, not masks, come to the
-    CPU, in one transfer per kind of number. Every number is a count of 0/1 entries (exact in
-    any order of summation) divided once, so it does not depend on how samples are batched.
+    Computed where the masks are, for the whole batch at once; numbers, not masks, come to the
+    CPU, in one transfer per kind. Sparsity and kept fractions are counts of 0/1 entries (exact
+    in any order of summation) divided once, so they do not depend on how samples are batched;
+    IoUs are float64 means, whose last bits may (their 4 rounded places practically never do).
     """
     device = head_keep.device
     starts = token_starts(lengths)

@@ -20,21 +20,34 @@ KEEP_ON_DEVICE_AT_TEARDOWN = True  # Lightning's teardown would copy the model t
 NO_CUDNN_ATTENTION = True
 
 
-def _same_run_on_every_rank(fingerprint: str | None) -> None:
-    """Every rank resolved the same run (weights, questions, settings: the fingerprint), or every
-    rank stops with the same message. Ranks keep the weights they loaded (``runner/strategy.py``)
-    and write into one directory, so a rank that read other files must not run."""
+def _same_run_on_every_rank(fingerprint: str | None, model) -> None:
+    """Every rank resolved the same run (weights, questions, settings: the fingerprint) and holds
+    the same weights, or every rank stops with the same message. Ranks keep the weights they
+    loaded (``runner/strategy.py``) and write into one directory, so a rank that read other
+    files, or initialised weights missing from a checkpoint at random, must not run."""
     import torch.distributed as dist
 
-    if fingerprint is None or not (dist.is_available() and dist.is_initialized()):
+    if fingerprint is None or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return
-    fingerprints = [None] * dist.get_world_size()
-    dist.all_gather_object(fingerprints, fingerprint)
-    differing = [rank for rank, other in enumerate(fingerprints) if other != fingerprints[0]]
-    if differing:
-        raise UserError(f"rank(s) {', '.join(map(str, differing))} resolved a different run than rank 0 (another "
-                        "fingerprint: other weights, questions or settings); every rank must read the same files "
-                        "with the same arguments")
+    found = [None] * dist.get_world_size()
+    dist.all_gather_object(found, (fingerprint, weights_checksum(model)))
+    for what, index in (("resolved a different run than rank 0 (another fingerprint: other weights, questions "
+                         "or settings); every rank must read the same files with the same arguments", 0),
+                        ("hold other weights than rank 0 (parameters missing from the checkpoint are initialised "
+                         "at random on each rank?)", 1)):
+        differing = [rank for rank, other in enumerate(found) if other[index] != found[0][index]]
+        if differing:
+            raise UserError(f"rank(s) {', '.join(map(str, differing))} {what}")
+
+
+def weights_checksum(model) -> int:
+    """An exact digest of the model's weights: each parameter's bit patterns summed as integers
+    (exact on any device), weighted by the parameter's position; one transfer."""
+    import torch
+
+    integer = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+    sums = [p.detach().view(integer[p.element_size()]).sum(dtype=torch.int64) for p in model.parameters()]
+    return sum((position + 1) * value for position, value in enumerate(torch.stack(sums).tolist()))
 
 
 def _attention_kernels():
@@ -71,7 +84,7 @@ class SparseActivationModule(L.LightningModule):
         # devices may order near-equal values differently, so all ranks take rank 0's. Here and
         # not in on_predict_start: a rank without a block skips its predict loop and its hooks,
         # and rank 0 would wait for it in the broadcast forever.
-        _same_run_on_every_rank(self.fingerprint)
+        _same_run_on_every_rank(self.fingerprint, self.model)
         self.thresholds, self.layer_levels = self.trainer.strategy.broadcast((self.thresholds, self.layer_levels), src=0)
 
     def predict_step(self, batch: Block, batch_idx: int):

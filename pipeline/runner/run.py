@@ -168,7 +168,7 @@ def _long_lived_objects_frozen():
     garbage, and a full collection inside the predict loop scanned them all: 0.31 and 0.38 s in
     two of six cold Phi-2-shape runs on an H200, with the device waiting; frozen, such a
     collection took under 0.01 s (``benchmarks/RESULTS.md``, session 6)."""
-    if not FREEZE_OBJECTS_IN_PREDICT:
+    if not FREEZE_OBJECTS_IN_PREDICT or gc.get_freeze_count():  # a caller's own freeze: left as it is
         yield
         return
     gc.freeze()
