@@ -16,13 +16,12 @@ import argparse
 import gc
 import random
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import record  # noqa: E402
+from common import record, timed  # noqa: E402
 
 
 def synthetic_batch(tokenizer, protocol, samples: int, tokens: int, layers: int, seed: int = 0):
@@ -65,10 +64,9 @@ def main():
     records_s = []
     for repeat in range(args.repeats):
         batch = synthetic_batch(tokenizer, protocol, args.samples, args.tokens, args.layers, seed=repeat)
-        start = time.perf_counter()
-        for sample, dense, stats, outputs in batch:
-            _records(tokenizer, sample, dense, stats, outputs, protocol, "bleu_vs_reference")
-        records_s.append(time.perf_counter() - start)
+        _, seconds = timed(lambda: [_records(tokenizer, sample, dense, stats, outputs, protocol, "bleu_vs_reference")
+                                    for sample, dense, stats, outputs in batch], "cpu")
+        records_s.append(seconds)
 
     # BLEU alone, on the pairs of a fresh batch: each row against its dense text and its reference
     batch = synthetic_batch(tokenizer, protocol, args.samples, args.tokens, args.layers, seed=args.repeats)
@@ -93,9 +91,8 @@ def main():
             fidelity._ngrams.cache_clear()
             type(fidelity._BLEU.tokenizer).__call__.cache_clear()
             gc.collect()
-            start = time.perf_counter()
-            scores[way] = way()
-            seconds[way].append(time.perf_counter() - start)
+            scores[way], spent = timed(way, "cpu")
+            seconds[way].append(spent)
     ours, theirs = scores[now], scores[before]
     sacrebleu_s, ours_s = min(seconds[before]), min(seconds[now])
     if ours != theirs:

@@ -79,21 +79,13 @@ class DenseRun:
             return _encode(model, fed[:-1]), fed[-1:].view(1, 1)
         return _cache_of(model, self._columns(len(fed) - 1).layers()), fed[-1:].view(1, 1)
 
-    def prefix_kv(self, model, steps: int) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
-        """``prefix`` as per-layer ``(keys, values)`` (empty for a one-token prefix), without a cache object."""
-        prefix, first_input = self.shared_prefix(model, steps)
-        return prefix.layers(), first_input
-
     def shared_prefix(self, model, steps: int) -> tuple[shared_prefix.Prefix, torch.Tensor]:
-        """``prefix_kv`` as a ``Prefix`` of the batch's keys and values, without slicing them."""
+        """``prefix`` as a ``Prefix`` of the batch's keys and values (no cache object, nothing sliced):
+        ``Prefix.layers()`` gives its per-layer ``(keys, values)``, ``Prefix.length`` its positions."""
         fed = self._fed(steps)
         if self.batch_kv is None:
             return shared_prefix.Prefix(cached_kv(_encode(model, fed[:-1])), 0, 0, len(fed) - 1), fed[-1:].view(1, 1)
         return self._columns(len(fed) - 1), fed[-1:].view(1, 1)
-
-    def prefix_length(self, steps: int) -> int:
-        """Positions in ``prefix``: a sliding-window layer may hold fewer of them."""
-        return len(self.prompt_ids) + min(steps, len(self.tokens)) - 1
 
     def _fed(self, steps: int) -> torch.Tensor:
         return torch.cat([self.prompt_ids, torch.tensor(self.tokens[:steps], dtype=torch.long,
@@ -353,16 +345,17 @@ def _padded_prefixes(model, items: list[_MaskedWork], device):
     Returns per-layer ``(keys, values)`` ``[rows, heads, width, dim]``, the padding mask
     ``[rows, width]``, each row's next position ``[rows]`` and first input ``[rows, 1]``.
     """
-    prefixes = [w.dense.prefix_kv(model, w.shared) for w in items]
-    lengths = [w.dense.prefix_length(w.shared) for w in items]
+    prefixes, firsts = zip(*(w.dense.shared_prefix(model, w.shared) for w in items))
+    lengths = [prefix.length for prefix in prefixes]
+    layers = [prefix.layers() for prefix in prefixes]
     width = max(lengths)
     counts = [len(w.active) for w in items]
     kv = []
-    filled = next((kv for kv, _ in prefixes if kv), None)
+    filled = next((kv for kv in layers if kv), None)
     for layer in range(len(filled) if filled is not None else 0):
         like_keys, like_values = filled[layer]
         parts = []
-        for (prefix, _), length, count in zip(prefixes, lengths, counts):
+        for prefix, length, count in zip(layers, lengths, counts):
             if length:
                 keys, values = prefix[layer]
             else:  # a one-token prefix: nothing cached
@@ -374,7 +367,7 @@ def _padded_prefixes(model, items: list[_MaskedWork], device):
                                  torch.ones(count, length, dtype=torch.long, device=device)], 1)
                       for length, count in zip(lengths, counts)])
     positions = torch.cat([torch.full((count,), length, device=device) for length, count in zip(lengths, counts)])
-    first = torch.cat([first_input.expand(count, 1) for (_, first_input), count in zip(prefixes, counts)])
+    first = torch.cat([first_input.expand(count, 1) for first_input, count in zip(firsts, counts)])
     return kv, mask, positions, first
 
 

@@ -169,11 +169,12 @@ def oracle_overlaps(head_keep, neuron_keep, rows, lengths: list[int], steps: lis
             ratio_sums.append((both_off.double() / either_off.clamp(min=1).double() * valid).sum(-1))
             valid_layers.append(valid.sum(-1))
     # per sample: sums over its tokens, as differences of running sums (deterministic, unlike atomic adds)
-    ends = torch.tensor(list(itertools.accumulate(lengths)), device=device)
+    starts = torch.tensor(token_starts(lengths), device=device)
+    ends = starts + torch.tensor(lengths, device=device)
 
     def per_sample(values: torch.Tensor) -> torch.Tensor:  # [pairs x kinds, tokens] -> [pairs x kinds, samples]
         running = F.pad(values.cumsum(1), (1, 0))
-        return running[:, ends] - running[:, ends - torch.tensor(lengths, device=device)]
+        return running[:, ends] - running[:, starts]
 
     ious = (per_sample(torch.stack(ratio_sums)) / per_sample(torch.stack(valid_layers)).double())
     ious = ious.view(len(pairs), 2, len(lengths)).permute(2, 0, 1).cpu()  # [samples, pairs, kind]: one transfer

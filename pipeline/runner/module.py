@@ -6,6 +6,8 @@ import copy
 from functools import cached_property, partial
 
 import lightning as L
+import torch
+import torch.distributed as dist
 
 from pipeline.config import ProtocolConfig
 from pipeline.data.datamodule import Block
@@ -25,8 +27,6 @@ def _same_run_on_every_rank(fingerprint: str | None, model) -> None:
     the same weights, or every rank stops with the same message. Ranks keep the weights they
     loaded (``runner/strategy.py``) and write into one directory, so a rank that read other
     files, or initialised weights missing from a checkpoint at random, must not run."""
-    import torch.distributed as dist
-
     if fingerprint is None or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return
     found = [None] * dist.get_world_size()
@@ -43,8 +43,6 @@ def _same_run_on_every_rank(fingerprint: str | None, model) -> None:
 def weights_checksum(model) -> int:
     """An exact digest of the model's weights: each parameter's bit patterns summed as integers
     (exact on any device), weighted by the parameter's position; one transfer."""
-    import torch
-
     integer = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
     sums = [p.detach().view(integer[p.element_size()]).sum(dtype=torch.int64) for p in model.parameters()]
     return sum((position + 1) * value for position, value in enumerate(torch.stack(sums).tolist()))
