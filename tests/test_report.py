@@ -441,3 +441,36 @@ def test_matrix_and_headroom_numbers_against_a_computation_by_hand(tmp_path, cap
     cor = point["cor_gxo", "per_layer"]
     assert (f"{cor:.3f} [{_percentile(replicates['cor_gxo', 'per_layer'], 2.5):.3f}, "
             f"{_percentile(replicates['cor_gxo', 'per_layer'], 97.5):.3f}]*") in matrix_line
+
+
+def test_iou_rounding_ties_round_as_the_exact_mean_does():
+    """Two (token, layer) entries of 400 units, each switched off entirely by one mask and in ``b1``
+    and ``b2`` units by the other: the exact IoU, (b1 + b2) / 800, is a rounding tie at 4 places when
+    b1 + b2 is odd. Records carry it rounded half to even (decimal arithmetic here), whatever order a
+    float mean summed in: alone (``mask_iou``) and in a batch of samples (``oracle_overlap``'s path)."""
+    from decimal import ROUND_HALF_EVEN, Decimal
+
+    import torch
+
+    from pipeline.measures.mask_stats import mask_iou, oracle_overlaps
+
+    units, totals = 400, range(1, 800, 2)
+    keeps, others, expected, float_rounded = [], [], [], []
+    for total in totals:
+        shares = (min(units, total), total - min(units, total))
+        keep = torch.zeros(2, 1, units, dtype=torch.bool)  # every unit off at both tokens
+        other = torch.ones(2, 1, units, dtype=torch.bool)
+        for token, share in enumerate(shares):
+            other[token, 0, :share] = False
+        keeps.append(keep)
+        others.append(other)
+        expected.append(float((Decimal(total) / 800).quantize(Decimal("0.0001"), ROUND_HALF_EVEN)))
+        float_rounded.append(round(torch.tensor([s / units for s in shares], dtype=torch.float64).mean().item(), 4))
+    assert sum(a != b for a, b in zip(expected, float_rounded)) > 100  # the float64 mean alone rounds many wrongly
+
+    assert [mask_iou(k, o) for k, o in zip(keeps, others)] == expected
+    rows = [(("magnitude", "per_layer", None), 0.5), (("cor_gxo", "per_layer", None), 0.5)]
+    heads = torch.stack([torch.cat(keeps), torch.cat(others)])  # [rows, samples x 2 tokens, 1, units]
+    found = oracle_overlaps(heads, heads, rows, [2] * len(keeps), [[2, 2]] * len(keeps))
+    assert [pairs.overlaps()[0]["cor_gxo"]["heads"] for pairs in found] == expected
+    assert [pairs.overlaps()[0]["cor_gxo"]["neurons"] for pairs in found] == expected

@@ -7,8 +7,9 @@
   units with those of the ``ORACLE`` row at the same level (docs/protocol.md §7).
 
 Sparsity and kept fractions are counts of 0/1 mask entries (exact in any order of summation)
-divided once; IoUs are float64 means of ratios of such counts. All are taken for a whole batch
-where the masks are (``row_stats``), and only the numbers come to the host, in one transfer per kind.
+divided once; IoUs are float64 means of ratios of such counts, rounded to ``IOU_PLACES`` as
+the exact mean rounds (``_settle_ties``). All are taken for a whole batch where the masks are
+(``row_stats``), and only the numbers come to the host, in one transfer per kind.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass
+from fractions import Fraction
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +26,12 @@ from pipeline.masks.masks import kept_counts, sparsity_of_counts
 from pipeline.results.record import ORACLE, series_name
 from pipeline.results.summary import iou_reference
 from pipeline.scores.metrics import SCORES
+
+IOU_PLACES = 4  # decimal places of the IoUs records carry
+# A float64 mean of these ratios is off the exact mean by about 1e-16 x the running sums it takes
+# differences of (at most one per token and layer of a batch: below 1e-11 for 100k of them); anything
+# this close to a rounding tie (an odd multiple of 10**-IOU_PLACES / 2) is settled exactly.
+TIE_TOLERANCE = 1e-9
 
 
 @dataclass
@@ -56,7 +64,7 @@ def row_stats(layout, head_keep: torch.Tensor, neuron_keep: torch.Tensor, length
     Computed where the masks are, for the whole batch at once; numbers, not masks, come to the
     CPU, in one transfer per kind. Sparsity and kept fractions are counts of 0/1 entries (exact
     in any order of summation) divided once, so they do not depend on how samples are batched;
-    IoUs are float64 means, whose last bits may (their 4 rounded places practically never do).
+    IoUs are float64 means, whose last bits may, and their rounded places do not (``_settle_ties``).
     """
     device = head_keep.device
     starts = token_starts(lengths)
@@ -87,12 +95,29 @@ def mask_iou(keep: torch.Tensor, other: torch.Tensor) -> float | None:
     off, other_off = ~keep, ~other
     both, either = (off & other_off).sum(-1), (off | other_off).sum(-1)
     valid = either > 0
-    return _rounded_iou((both[valid].double() / either[valid].double()).mean().item())
+    iou = (both[valid].double() / either[valid].double()).mean().item()
+    return _rounded_iou(_exact_rounded(both, either) if _near_tie(torch.tensor(iou, dtype=torch.float64)) else iou)
 
 
 def _rounded_iou(iou: float) -> float | None:
-    """An IoU as records carry it: 4 places; None (NaN) where neither mask switched anything off."""
-    return None if math.isnan(iou) else round(iou, 4)
+    """An IoU as records carry it: ``IOU_PLACES`` places; None (NaN) where neither mask switched anything off."""
+    return None if math.isnan(iou) else round(iou, IOU_PLACES)
+
+
+def _near_tie(values: torch.Tensor) -> torch.Tensor:
+    """Where a float mean is so close to a rounding tie that its last bits could decide the rounding
+    (False for NaN)."""
+    scaled = values * 10**IOU_PLACES  # float64
+    return (scaled - scaled.floor() - 0.5).abs() < TIE_TOLERANCE * 10**IOU_PLACES
+
+
+def _exact_rounded(both: torch.Tensor, either: torch.Tensor) -> float:
+    """The mean of ``both / either`` over the entries where ``either > 0``, in exact fractions, rounded
+    to ``IOU_PLACES`` half to even (as Python rounds an exact value): the rounding of a tie then does not
+    depend on the order in which a float mean summed (float32 and float64 means of one tie, 0.81125,
+    had rounded to 0.8112 and 0.8113)."""
+    ratios = [Fraction(b, e) for b, e in zip(both.flatten().tolist(), either.flatten().tolist()) if e > 0]
+    return float(round(sum(ratios, Fraction(0)) / len(ratios), IOU_PLACES))
 
 
 def oracle_overlap(head_keep, neuron_keep, rows, steps) -> list[dict | None]:
@@ -157,7 +182,7 @@ def oracle_overlaps(head_keep, neuron_keep, rows, lengths: list[int], steps: lis
         kept = (kept_counts(head_keep), kept_counts(neuron_keep))
     # per pair, kind and token: the sum over layers of |off in both| / |off in either| where either
     # switches something off, and how many layers do
-    ratio_sums, valid_layers = [], []
+    ratio_sums, valid_layers, counts = [], [], []  # counts: per pair and kind, (off in both, off in either)
     for k, (i, j, _) in enumerate(pairs):
         for keep, kept_units in zip((head_keep, neuron_keep), kept):
             # off in both = units - kept in either; off in either = units - kept in both: one pass over the masks
@@ -166,6 +191,7 @@ def oracle_overlaps(head_keep, neuron_keep, rows, lengths: list[int], steps: lis
             units = keep.shape[-1]
             both_off, either_off = units - either_kept, (units - both_kept) * within[k, :, None]  # [tokens, layers]
             valid = either_off > 0
+            counts.append((both_off, either_off))
             ratio_sums.append((both_off.double() / either_off.clamp(min=1).double() * valid).sum(-1))
             valid_layers.append(valid.sum(-1))
     # per sample: sums over its tokens, as differences of running sums (deterministic, unlike atomic adds)
@@ -178,5 +204,16 @@ def oracle_overlaps(head_keep, neuron_keep, rows, lengths: list[int], steps: lis
 
     ious = (per_sample(torch.stack(ratio_sums)) / per_sample(torch.stack(valid_layers)).double())
     ious = ious.view(len(pairs), 2, len(lengths)).permute(2, 0, 1).cpu()  # [samples, pairs, kind]: one transfer
+    _settle_ties(ious, counts, token_starts(lengths), lengths)
     named = [(i, reference) for i, _, reference in pairs]
     return [OraclePairs(len(rows), named, sample_ious) for sample_ious in ious]
+
+
+def _settle_ties(ious: torch.Tensor, counts, starts: list[int], lengths: list[int]) -> None:
+    """Replace each IoU ``[samples, pairs, kind]`` within ``TIE_TOLERANCE`` of a rounding tie by its
+    exact rounding (``_exact_rounded``) from its ``counts`` (per pair and kind, off in both and off in
+    either ``[tokens, layers]``): rare, so each is a small transfer of its own."""
+    for sample, pair, kind in _near_tie(ious).nonzero().tolist():
+        both, either = counts[2 * pair + kind]
+        span = slice(starts[sample], starts[sample] + lengths[sample])
+        ious[sample, pair, kind] = _exact_rounded(both[span].cpu(), either[span].cpu())
