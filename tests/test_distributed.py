@@ -223,6 +223,43 @@ def test_ranks_that_differ_all_stop(tiny_dir, tmp_path, differ, message):
     assert not list(tmp_path.glob("run*/records*.jsonl"))
 
 
+RANK_SLOW_LOAD = """\
+import os, sys, time
+import pipeline.runner.run as run
+from pipeline.cli import main
+load = run.load_model
+def slow(config):  # rank 1 takes longer to load, as from a busy disk
+    time.sleep(float(os.environ["SLOW_LOAD_S"]))
+    return load(config)
+if os.environ["LOCAL_RANK"] == "1":
+    run.load_model = slow
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_the_evaluation_is_timed_once_every_rank_has_loaded(tiny_dir, reference, tmp_path):
+    """Ranks started together (torchrun, srun) wait for the slowest to load before the timed
+    evaluation: rank 0 reports that wait apart from the evaluation's seconds, and the records are
+    those of one process."""
+    import re
+
+    slow = 10.0
+    script = tmp_path / "rank_script.py"
+    script.write_text(RANK_SLOW_LOAD)
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+               *_command(tiny_dir, out, 2)[3:]]
+    result = subprocess.run(command, capture_output=True, text=True, env={**_env(), "SLOW_LOAD_S": str(slow)},
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    found = re.search(r"evaluated \d+ samples in ([\d.]+) s.*; before that, ([\d.]+) s waiting for the other ranks",
+                      result.stdout)
+    assert found, result.stdout[-2000:]
+    evaluated, waited = map(float, found.groups())
+    assert waited >= 0.8 * slow and evaluated < waited
+    assert _keyed(out) == _keyed(reference)
+
+
 def test_predict_strategy_keeps_each_ranks_weights(monkeypatch):
     """--run.strategy ddp: gloo, and the predict loop's setup sends no weights (Lightning's
     DDPStrategy does: the same check fails for it)."""

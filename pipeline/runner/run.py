@@ -34,7 +34,7 @@ from pipeline.runner.callbacks import MaskingCallback, RecordWriter
 from pipeline.runner.module import SparseActivationModule
 from pipeline.runner.lock import RunLock, process_rank
 from pipeline.runner.preemption import Interrupted, Preempted, PreemptionCallback, requeue_slurm_job
-from pipeline.runner.strategy import strategy_for
+from pipeline.runner.strategy import strategy_for, wait_for_ranks
 from pipeline.scores.metrics import SCORES
 
 
@@ -165,17 +165,24 @@ FREEZE_OBJECTS_IN_PREDICT = True  # off: a lever of benchmarks/end_to_end.py (gc
 def _long_lived_objects_frozen():
     """Python's garbage collector leaves the objects that exist when prediction starts (the
     libraries', the model's modules: ~500k) out of its collections until it ends. They are not
-    garbage, and a full collection inside the predict loop scanned them all: 0.31 and 0.38 s in
-    two of six cold Phi-2-shape runs on an H200, with the device waiting; frozen, such a
-    collection took under 0.01 s (``benchmarks/RESULTS.md``, session 6)."""
-    if not FREEZE_OBJECTS_IN_PREDICT or gc.get_freeze_count():  # a caller's own freeze: left as it is
+    garbage, and a full collection inside the predict loop scanned them all: 0.28-0.45 s each on
+    an H200 host, with the device waiting (``benchmarks/RESULTS.md``, sessions 6 and 7).
+
+    Objects someone froze before (a caller, or the interpreter's start-up: 375 on the H200
+    image's Python) do not stop this freeze. ``gc.unfreeze`` cannot tell whose objects it
+    releases, so after such an earlier freeze everything stays frozen (objects alive at the
+    start of prediction, freed by reference counting as usual, only reference cycles among them
+    wait); otherwise the collector is as it was before."""
+    if not FREEZE_OBJECTS_IN_PREDICT:
         yield
         return
+    frozen_before = gc.get_freeze_count()
     gc.freeze()
     try:
         yield
     finally:
-        gc.unfreeze()
+        if not frozen_before:
+            gc.unfreeze()
 
 
 @dataclass
@@ -238,6 +245,7 @@ def _evaluate_locked(job: Job, model: ModelConfig, data: DataConfig, protocol: P
                                       write=trainer.global_rank == 0)
         module = SparseActivationModule(loaded.model, loaded.tokenizer, template, protocol, task, stop_ids, thresholds,
                                         layer_levels, info["fingerprint"])
+        waited = wait_for_ranks(trainer)
         started = time.time()
         try:
             with _long_lived_objects_frozen():
@@ -255,7 +263,8 @@ def _evaluate_locked(job: Job, model: ModelConfig, data: DataConfig, protocol: P
         trainer.strategy.barrier()  # every rank's shard is complete before rank 0 merges
         if trainer.global_rank != 0:
             return run_dir
-        print(f"evaluated {len(pending)} samples in {time.time() - started:.1f} s, peak memory {peak_memory_gib():.2f} GiB")
+        print(f"evaluated {len(pending)} samples in {time.time() - started:.1f} s, peak memory {peak_memory_gib():.2f} GiB"
+              + (f"; before that, {waited:.1f} s waiting for the other ranks to load" if waited is not None else ""))
     else:
         open_run_dir(run_dir, info)
 

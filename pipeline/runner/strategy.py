@@ -12,6 +12,8 @@ and ``SparseActivationModule.setup`` refuses to run unless all ranks resolved th
 
 from __future__ import annotations
 
+import time
+
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 
@@ -37,3 +39,23 @@ class PredictDDPStrategy(DDPStrategy):
 def strategy_for(name: str):
     """What ``L.Trainer(strategy=...)`` gets for ``--run.strategy``: ours for ``ddp``, else the name."""
     return PredictDDPStrategy() if name == "ddp" else name
+
+
+def wait_for_ranks(trainer) -> float | None:
+    """Join the run's process group now, before the evaluation is timed, and return the seconds
+    this rank waited for the others; None where nothing is joined here (one process, or ranks that
+    ``trainer.predict`` itself starts: Lightning's own launcher).
+
+    Ranks started together (torchrun, srun) load their models at once but finish at different
+    times; the process group forms only when the last has. Inside ``trainer.predict`` that wait was
+    timed as evaluation, which it is not: on two H200s, joining at 0.9 s into rank 0's
+    ``evaluated ... in`` (``benchmarks/RESULTS.md``, session 7). This is Lightning's own
+    ``setup_environment``; ``trainer.predict`` finds the group formed and goes on."""
+    strategy = trainer.strategy
+    if trainer.world_size == 1 or not isinstance(strategy, DDPStrategy):
+        return None
+    if not strategy.cluster_environment.creates_processes_externally:
+        return None
+    started = time.perf_counter()
+    strategy.setup_environment()
+    return time.perf_counter() - started
