@@ -448,7 +448,8 @@ def _numbered_file(folder: Path, kind: str, label: str) -> Path:
 
 
 def write_profile(profiler, folder: Path, label: str) -> None:
-    """The run's functions by cumulative and by own time (main thread), as text files."""
+    """The run's functions by cumulative and by own time (main thread), as text files, and the
+    statistics themselves (``.prof``, for ``pstats``: who called what)."""
     import io
     import pstats
 
@@ -456,7 +457,9 @@ def write_profile(profiler, folder: Path, label: str) -> None:
     stats = pstats.Stats(profiler, stream=text)
     stats.sort_stats("cumulative").print_stats(70)
     stats.sort_stats("tottime").print_stats(50)
-    _numbered_file(folder, "profile", label).write_text(text.getvalue())
+    path = _numbered_file(folder, "profile", label)
+    path.write_text(text.getvalue())
+    profiler.dump_stats(path.with_suffix(".prof"))
 
 
 def write_trace(tracer, folder: Path, label: str) -> dict[str, float]:
