@@ -83,3 +83,48 @@ def test_achieved_sparsity_of_any_zero_one_masks(dtype):
                               + 0.75 * (1 - neurons[r, t].double().sum().item() / 30) for t in range(3)]
                              for r in range(2)], dtype=torch.float64)
     torch.testing.assert_close(achieved_sparsity(heads, neurons, layout).double(), expected, rtol=0, atol=1e-6)
+
+
+def test_host_values_reach_the_device_equal():
+    """``on_device``: the values, dtype and device of ``torch.tensor(values, device=...)``."""
+    from pipeline.device import on_device
+
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for device in devices:
+        for values, dtype in (([3, 1, 2], None), ([[0.5, 1.5]], torch.float64), ([7], torch.long)):
+            expected = torch.tensor(values, dtype=dtype, device=device)
+            got = on_device(values, device, dtype)
+            assert got.device == expected.device and got.dtype == expected.dtype and torch.equal(got, expected)
+        host = torch.arange(5)
+        assert torch.equal(on_device(host, device).cpu(), host)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_host_values_are_queued_without_waiting_for_the_device():
+    """While a long kernel runs, ``on_device`` returns at once (``torch.tensor(..., device="cuda")`` waits for
+    the kernel), and what it queued holds the values once the device gets to it."""
+    import time
+
+    from pipeline.device import on_device
+
+    big = torch.randn(8192, 8192, device="cuda")
+    torch.cuda.synchronize()
+
+    def busy():
+        for _ in range(20):
+            big.matmul(big)
+
+    started = time.perf_counter()
+    busy()
+    torch.cuda.synchronize()
+    kernels = time.perf_counter() - started
+    busy()
+    started = time.perf_counter()
+    values = on_device(list(range(1000)), "cuda")
+    queued = time.perf_counter() - started
+    busy()
+    started = time.perf_counter()
+    torch.tensor(list(range(1000)), device="cuda")
+    waited = time.perf_counter() - started
+    assert queued < kernels / 4 < waited
+    assert values.tolist() == list(range(1000))

@@ -41,6 +41,7 @@ from pipeline.decoding.cuda_graph import (
     padded_graphs_enabled,
 )
 from pipeline.decoding import shared_prefix
+from pipeline.device import on_device
 from pipeline.decoding.shared_prefix import decoder_for, kv_geometry
 from pipeline.hooks import StepMasks, UnitHooks, using_hooks
 from pipeline.models.inputs import pad, position_ids, with_cache
@@ -112,7 +113,7 @@ def _encode(model, ids: torch.Tensor) -> DynamicCache:
 
 
 def _eos(eos_token_ids, device) -> torch.Tensor:
-    return torch.tensor(list(eos_token_ids), dtype=torch.long, device=device)
+    return on_device(list(eos_token_ids), device, torch.long)
 
 
 def _pad_steps(keep: torch.Tensor, steps: int) -> torch.Tensor:
@@ -217,7 +218,7 @@ def dense_generate_batch(model, prompts: list[torch.Tensor], max_new_tokens: lis
     # which another thread (building the last batch's records) can hold the GIL
     lengths = torch.tensor([len(p) for p in prompts])
     ids, mask, _ = pad(torch.cat([p.cpu() for p in prompts]), lengths, "left")
-    ids, mask = ids.to(device), mask.to(device)
+    ids, mask = on_device(ids, device), on_device(mask, device)
     width = ids.shape[1]
     prompts = [ids[row, width - len(p):] for row, p in enumerate(prompts)]  # each prompt, on the device
     cache = DynamicCache(config=model.config)
@@ -231,7 +232,7 @@ def dense_generate_batch(model, prompts: list[torch.Tensor], max_new_tokens: lis
                                           max(max_new_tokens), eos)
     if captured is not None:
         tokens, cache = captured
-        limits = torch.tensor(max_new_tokens, device=device)
+        limits = on_device(max_new_tokens, device)
         rows = [row[:n] for row, n in zip(tokens.tolist(), _lengths(tokens, eos, limits))]
         complete = True
         # the static cache is reused by the next call: the runs share one copy of the columns they use

@@ -36,6 +36,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from pipeline.decoding.cuda_graph import capture, recent_decoder, replay_steps
+from pipeline.device import on_device
 from pipeline.hooks import StepMasks, UnitHooks
 from pipeline.models.inputs import attention_implementation, forward_arguments
 
@@ -118,7 +119,7 @@ class SharedPrefixCache:
         column again, a finite value): they stay invisible, so they get no weight.
         """
         device = self.visible.device
-        lengths = torch.tensor([p.length for p in prefixes] + [0] * (self.samples - len(prefixes)), device=device)
+        lengths = on_device([p.length for p in prefixes] + [0] * (self.samples - len(prefixes)), device)
         self.visible.zero_()
         self.visible[..., :self.width] = (torch.arange(self.width, device=device) < lengths[:, None])[:, None, None]
         sources = {}  # id of the source tensors -> (source, samples)
@@ -126,11 +127,11 @@ class SharedPrefixCache:
             if prefix.length:
                 sources.setdefault(id(prefix.kv), (prefix.kv, []))[1].append((sample, prefix))
         for kv, members in sources.values():
-            samples = torch.tensor([sample for sample, _ in members], device=device)
-            rows = torch.tensor([p.row for _, p in members], device=device)
+            samples = on_device([sample for sample, _ in members], device)
+            rows = on_device([p.row for _, p in members], device)
             width = max(p.length for _, p in members)
             offsets = torch.arange(width)
-            columns = torch.stack([p.first + offsets.clamp(max=p.length - 1) for _, p in members]).to(device)
+            columns = on_device(torch.stack([p.first + offsets.clamp(max=p.length - 1) for _, p in members]), device)
             for layer, (keys, values) in enumerate(kv):
                 for cache, source in ((self.keys[layer], keys), (self.values[layer], values)):
                     # [samples, width, kv heads, dim] (indexed dimensions first), stored heads first

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import torch
 
+from pipeline.device import on_device
 from pipeline.masks import ALLOCATIONS, NORMALIZATIONS
 from pipeline.masks.masks import keep_masks, unit_ranks, units_off
 
@@ -57,7 +58,7 @@ def layer_level_keep_masks(importance: torch.Tensor, layer_levels: torch.Tensor)
     Layer ``l`` at row ``i`` loses its ``floor(layer_levels[i, l] * units)`` lowest units.
     """
     units = importance.shape[-1]
-    off = torch.tensor([[units_off(q, units) for q in row] for row in layer_levels.tolist()], device=importance.device)
+    off = on_device([[units_off(q, units) for q in row] for row in layer_levels.tolist()], importance.device)
     # off [levels, layers] against rank [..., layers, units]
     return unit_ranks(importance).unsqueeze(0) >= off.view(off.shape[0], *([1] * (importance.dim() - 2)), off.shape[1], 1)
 

@@ -6,6 +6,7 @@ import math
 
 import torch
 
+from pipeline.device import on_device
 from pipeline.models.adapters import UnitLayout
 
 
@@ -43,7 +44,7 @@ def keep_masks(importance: torch.Tensor, levels: list[float]) -> torch.Tensor:
     before a number).
     """
     units = importance.shape[-1]
-    off = torch.tensor([units_off(p, units) for p in levels], device=importance.device)
+    off = on_device([units_off(p, units) for p in levels], importance.device)
     return unit_ranks(importance).unsqueeze(0) >= off.view(-1, *([1] * importance.dim()))
 
 

@@ -22,6 +22,7 @@ from fractions import Fraction
 import torch
 import torch.nn.functional as F
 
+from pipeline.device import on_device
 from pipeline.masks.masks import kept_counts, sparsity_of_counts
 from pipeline.results.record import ORACLE, series_name
 from pipeline.results.summary import iou_reference
@@ -76,9 +77,10 @@ def row_stats(layout, head_keep: torch.Tensor, neuron_keep: torch.Tensor, length
 
     def kept(counts: torch.Tensor, units: int) -> torch.Tensor:  # [samples, rows, layers]: kept over the first n steps / (n x units)
         running = F.pad(counts.cumsum(1), (0, 0, 1, 0))  # [rows, 1 + tokens, layers]: kept before each token
-        rows = torch.arange(counts.shape[0])
-        counts = running[rows, (first + decoded).to(device)] - running[rows, first.expand_as(decoded).to(device)]
-        return (counts.float() / (decoded.to(device) * units).float()[..., None]).cpu()
+        rows = torch.arange(counts.shape[0], device=device)
+        ends, starts = on_device(first + decoded, device), on_device(first.expand_as(decoded), device)
+        counts = running[rows, ends] - running[rows, starts]
+        return (counts.float() / on_device(decoded * units, device).float()[..., None]).cpu()
 
     variants = [(v, p) for v in protocol.variants() for p in protocol.levels]
     pairs = oracle_overlaps(head_keep, neuron_keep, variants, lengths, decoded.tolist(), (head_counts, neuron_counts))
@@ -177,7 +179,7 @@ def oracle_overlaps(head_keep, neuron_keep, rows, lengths: list[int], steps: lis
     sample = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
     step = torch.arange(len(sample)) - torch.tensor(token_starts(lengths))[sample]
     decoded = torch.tensor(steps)[:, [i for i, _, _ in pairs]]  # [samples, pairs]
-    within = (step[None, :] < decoded[sample].T).to(device)  # [pairs, tokens]
+    within = on_device(step[None, :] < decoded[sample].T, device)  # [pairs, tokens]
     if kept is None:
         kept = (kept_counts(head_keep), kept_counts(neuron_keep))
     # per pair, kind and token: the sum over layers of |off in both| / |off in either| where either
@@ -195,8 +197,8 @@ def oracle_overlaps(head_keep, neuron_keep, rows, lengths: list[int], steps: lis
             ratio_sums.append((both_off.double() / either_off.clamp(min=1).double() * valid).sum(-1))
             valid_layers.append(valid.sum(-1))
     # per sample: sums over its tokens, as differences of running sums (deterministic, unlike atomic adds)
-    starts = torch.tensor(token_starts(lengths), device=device)
-    ends = starts + torch.tensor(lengths, device=device)
+    starts = on_device(token_starts(lengths), device)
+    ends = starts + on_device(lengths, device)
 
     def per_sample(values: torch.Tensor) -> torch.Tensor:  # [pairs x kinds, tokens] -> [pairs x kinds, samples]
         running = F.pad(values.cumsum(1), (1, 0))

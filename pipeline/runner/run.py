@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 import gc
 import logging
 import signal
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -234,9 +236,12 @@ def _evaluate_locked(job: Job, model: ModelConfig, data: DataConfig, protocol: P
             raise UserError(f"cannot run on the requested hardware: {str(error).splitlines()[0]}") from None
         open_run_dir(run_dir, info)
         stop_ids = stop_token_ids(loaded.tokenizer, loaded.model)
-        if trainer.accelerator.__class__.__name__ == "CUDAAccelerator":
-            # calibration runs before Lightning places the model: on this rank's GPU, not the CPU
-            loaded.model.to(torch.device("cuda", trainer.local_rank))
+        with ThreadPoolExecutor(1) as pool:  # the record thread's tokenizer (module.py), copied meanwhile
+            host_tokenizer = pool.submit(copy.deepcopy, loaded.tokenizer)
+            if trainer.accelerator.__class__.__name__ == "CUDAAccelerator":
+                # calibration runs before Lightning places the model: on this rank's GPU, not the CPU
+                loaded.model.to(torch.device("cuda", trainer.local_rank))
+            host_tokenizer = host_tokenizer.result()
         thresholds = None
         if any(SCORES[m].thresholds for m in protocol.metrics):
             thresholds = calibrate(loaded.model, loaded.tokenizer, template, calibration, protocol.levels,
@@ -244,7 +249,7 @@ def _evaluate_locked(job: Job, model: ModelConfig, data: DataConfig, protocol: P
         layer_levels = levels.tensors(loaded.model, loaded.tokenizer, template, calibration, stop_ids, run_dir,
                                       write=trainer.global_rank == 0)
         module = SparseActivationModule(loaded.model, loaded.tokenizer, template, protocol, task, stop_ids, thresholds,
-                                        layer_levels, info["fingerprint"])
+                                        layer_levels, info["fingerprint"], host_tokenizer)
         waited = wait_for_ranks(trainer)
         started = time.time()
         try:
