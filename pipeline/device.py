@@ -21,4 +21,4 @@ def on_device(values, device, dtype: torch.dtype | None = None) -> torch.Tensor:
     device = torch.device(device)
     if device.type != "cuda":
         return tensor.to(device)
-    return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.contiguous().pin_memory().to(device, non_blocking=True)  # pinning takes no expanded views

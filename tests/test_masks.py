@@ -97,6 +97,8 @@ def test_host_values_reach_the_device_equal():
             assert got.device == expected.device and got.dtype == expected.dtype and torch.equal(got, expected)
         host = torch.arange(5)
         assert torch.equal(on_device(host, device).cpu(), host)
+        expanded = host[:, None].expand(5, 3)  # a view whose elements share memory
+        assert torch.equal(on_device(expanded, device).cpu(), expanded)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
