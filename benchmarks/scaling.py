@@ -22,9 +22,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import make_model, record  # noqa: E402
 
 
-def evaluate(model: Path, args, gpus: int, out: Path, launcher_name: str = "lightning") -> tuple[float, float, float]:
+def evaluate(model: Path, args, gpus: int, out: Path, launcher_name: str = "lightning") -> tuple[float, float, float | None]:
     """(rank 0's evaluation seconds, the command's wall seconds, rank 0's wait for the other ranks to
-    load before the evaluation)."""
+    load before the evaluation: None where not reported, i.e. one process or Lightning's launcher)."""
     # Lightning's launcher starts rank 1.. from rank 0 when the predict loop begins, so their
     # imports and model load come after rank 0's; torchrun (like srun) starts every rank at once
     launcher = [sys.executable, "-m", "pipeline"]
@@ -49,7 +49,7 @@ def evaluate(model: Path, args, gpus: int, out: Path, launcher_name: str = "ligh
         raise SystemExit(result.stdout[-3000:] + result.stderr[-3000:])
     predict = float(re.search(r"evaluated \d+ samples in ([\d.]+) s", result.stdout).group(1))
     waited = re.search(r"before that, ([\d.]+) s waiting for the other ranks", result.stdout)
-    return predict, wall, float(waited.group(1)) if waited else 0.0
+    return predict, wall, float(waited.group(1)) if waited else None
 
 
 def main():
@@ -85,8 +85,9 @@ def main():
         same = sum(a[k] == b.get(k) for k in a)
         lines += [
             f"{args.gpus} GPUs ({launcher}): predict {many[0]:.1f} s ({args.questions / many[0]:.2f} samples/s), "
-            f"after {many[2]:.1f} s waiting for the other ranks to load; wall {many[1]:.1f} s",
-            f"  speed-up {one[0] / many[0]:.2f}x (predict), {one[0] / (many[0] + many[2]):.2f}x (predict and the wait), "
+            + (f"after {many[2]:.1f} s waiting for the other ranks to load" if many[2] is not None else
+               "the wait for the other ranks not measured (inside the prediction)") + f"; wall {many[1]:.1f} s",
+            f"  speed-up {one[0] / many[0]:.2f}x (predict), {one[0] / (many[0] + (many[2] or 0.0)):.2f}x (predict and the wait), "
             f"{one[1] / many[1]:.2f}x (wall, incl. start-up and model load)",
             f"  records: {len(a)} vs {len(b)}; identical outputs for {same}/{len(a)} (bf16 kernels may differ by batch)",
         ]

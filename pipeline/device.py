@@ -15,10 +15,14 @@ import torch
 
 
 def on_device(values, device, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """``torch.tensor(values, dtype=dtype)`` (or a CPU tensor as it is) on ``device``, queued
-    without waiting for the device's earlier work."""
+    """``torch.tensor(values, dtype=dtype)`` (or a tensor as it is) on ``device``, queued without
+    waiting for the device's earlier work.
+
+    A CPU tensor given in pinned memory is copied from where it is: do not change it until the
+    device has run the copy. Not for use inside a CUDA graph capture (the copy would be recorded
+    from a staging buffer that is reused later)."""
     tensor = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=dtype)
     device = torch.device(device)
-    if device.type != "cuda":
+    if device.type != "cuda" or tensor.device.type != "cpu":
         return tensor.to(device)
     return tensor.contiguous().pin_memory().to(device, non_blocking=True)  # pinning takes no expanded views

@@ -130,3 +130,6 @@ def test_host_values_are_queued_without_waiting_for_the_device():
     waited = time.perf_counter() - started
     assert queued < kernels / 4 < waited
     assert values.tolist() == list(range(1000))
+    busy()  # many copies queued behind the kernels: each keeps its own values until it has run
+    queued = [on_device([index] * 100, "cuda") for index in range(50)]
+    assert [tensor.tolist() for tensor in queued] == [[index] * 100 for index in range(50)]

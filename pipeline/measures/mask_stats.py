@@ -75,12 +75,14 @@ def row_stats(layout, head_keep: torch.Tensor, neuron_keep: torch.Tensor, length
     first = torch.tensor(starts)[:, None]
     head_counts, neuron_counts = kept_counts(head_keep), kept_counts(neuron_keep)  # [rows, tokens, layers]
 
+    rows = torch.arange(head_keep.shape[0], device=device)
+    span_ends, span_starts = on_device(first + decoded, device), on_device(first.expand_as(decoded), device)
+    steps = on_device(decoded, device)
+
     def kept(counts: torch.Tensor, units: int) -> torch.Tensor:  # [samples, rows, layers]: kept over the first n steps / (n x units)
         running = F.pad(counts.cumsum(1), (0, 0, 1, 0))  # [rows, 1 + tokens, layers]: kept before each token
-        rows = torch.arange(counts.shape[0], device=device)
-        ends, starts = on_device(first + decoded, device), on_device(first.expand_as(decoded), device)
-        counts = running[rows, ends] - running[rows, starts]
-        return (counts.float() / on_device(decoded * units, device).float()[..., None]).cpu()
+        counts = running[rows, span_ends] - running[rows, span_starts]
+        return (counts.float() / (steps * units).float()[..., None]).cpu()
 
     variants = [(v, p) for v in protocol.variants() for p in protocol.levels]
     pairs = oracle_overlaps(head_keep, neuron_keep, variants, lengths, decoded.tolist(), (head_counts, neuron_counts))

@@ -171,20 +171,18 @@ def _long_lived_objects_frozen():
     an H200 host, with the device waiting (``benchmarks/RESULTS.md``, sessions 6 and 7).
 
     Objects someone froze before (a caller, or the interpreter's start-up: 375 on the H200
-    image's Python) do not stop this freeze. ``gc.unfreeze`` cannot tell whose objects it
-    releases, so after such an earlier freeze everything stays frozen (objects alive at the
-    start of prediction, freed by reference counting as usual, only reference cycles among them
-    wait); otherwise the collector is as it was before."""
+    image's Python) do not stop this freeze, and afterwards every object is the collector's
+    again, theirs too: ``gc.unfreeze`` cannot tell whose objects it releases, and left frozen,
+    the run's own objects (model, trainer and module hold one another in reference cycles)
+    would never be collected. Releasing a caller's objects costs it only scanning time."""
     if not FREEZE_OBJECTS_IN_PREDICT:
         yield
         return
-    frozen_before = gc.get_freeze_count()
     gc.freeze()
     try:
         yield
     finally:
-        if not frozen_before:
-            gc.unfreeze()
+        gc.unfreeze()
 
 
 @dataclass

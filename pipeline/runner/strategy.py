@@ -43,8 +43,9 @@ def strategy_for(name: str):
 
 def wait_for_ranks(trainer) -> float | None:
     """Join the run's process group now, before the evaluation is timed, and return the seconds
-    this rank waited for the others; None where nothing is joined here (one process, or ranks that
-    ``trainer.predict`` itself starts: Lightning's own launcher).
+    this rank waited for the others; None where nothing is joined here: one process, a strategy
+    other than DDP, or rank 0 under Lightning's own launcher (which starts the other ranks only
+    inside ``trainer.predict``; those ranks do join here).
 
     Ranks started together (torchrun, srun) load their models at once but finish at different
     times; the process group forms only when the last has. Inside ``trainer.predict`` that wait was
