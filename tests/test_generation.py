@@ -177,11 +177,10 @@ def test_captured_steps_of_a_longer_batch_serve_a_shorter_one(monkeypatch):
     assert counts[0] == 2 and counts[1] == 2  # one padded and one shared-prefix decoder, made for the first batch only
 
 
-def test_a_kept_shared_step_of_another_group_size_serves_while_few_slots_stay_empty(monkeypatch):
-    """The group size follows the device's free memory, which moves between batches: a kept
-    shared-prefix step of another group size serves the next batch (no new capture) as long as
-    its groups hold at most a quarter more sample slots, and decodes the eager loop's tokens;
-    a batch that would leave most of its slots empty gets a step of its own."""
+def _shared_steps_made_and_serving(monkeypatch, sizes: list[int], budgets: list[int], seed: int):
+    """Masked decoding of batches of ``sizes`` samples through shared-prefix steps (called, not
+    captured), while the memory allows ``budgets`` samples per group: checks the tokens against the
+    eager loop and returns the group size of each step made and of the step that served each group."""
     import pipeline.decoding.generation as generation
 
     from pipeline.hooks import UnitHooks
@@ -190,7 +189,7 @@ def test_a_kept_shared_step_of_another_group_size_serves_while_few_slots_stay_em
     model.set_attn_implementation("sdpa")
     layout = layout_for(model)
     hooks = UnitHooks(layout)  # the run's, as a run passes them to every batch
-    torch.manual_seed(6)
+    torch.manual_seed(seed)
 
     def batch(samples: int):
         prompts = [torch.randint(1, 90, (int(torch.randint(3, 9, ()).item()),)) for _ in range(samples)]
@@ -199,7 +198,7 @@ def test_a_kept_shared_step_of_another_group_size_serves_while_few_slots_stay_em
                   torch.rand(3, len(d.tokens), layout.num_layers, layout.num_neurons) > 0.4) for d in dense]
         return dense, [h for h, _ in keeps], [n for _, n in keeps]
 
-    batches = [batch(4), batch(4), batch(1), batch(4)]
+    batches = [batch(size) for size in sizes]
     expected = [generation.masked_after_dense_batch(model, *b, [], hooks) for b in batches]  # eager on the CPU
     _call_instead_of_capture(monkeypatch)
     made = []
@@ -209,15 +208,34 @@ def test_a_kept_shared_step_of_another_group_size_serves_while_few_slots_stay_em
     served = []  # the group size of each replayed group
     decode = original.decode
     monkeypatch.setattr(original, "decode", lambda self, *a, **k: served.append(self.cache.samples) or decode(self, *a, **k))
-    budgets = iter([4, 3, 4, 3])  # samples per group the memory allows: 4, 3 (groups of 2), 4, 3
-    monkeypatch.setattr(generation, "_group_samples", lambda *a, **k: next(budgets))
+    allowed = iter(budgets)
+    monkeypatch.setattr(generation, "_group_samples", lambda *a, **k: next(allowed))
     for number, ((dense, heads, neurons), want) in enumerate(zip(batches, expected)):
         assert generation.masked_after_dense_batch(model, dense, heads, neurons, [], hooks) == want, number
+    return made, served
+
+
+def test_a_kept_shared_step_of_another_group_size_serves_while_few_slots_stay_empty(monkeypatch):
+    """The group size follows the device's free memory, which moves between batches: a kept
+    shared-prefix step of another group size serves the next batch (no new capture) as long as
+    its groups hold at most a quarter more sample slots, and decodes the eager loop's tokens;
+    a batch that would leave most of its slots empty gets a step of its own."""
+    # samples per group the memory allows: 4, 3 (groups of 2), 4, 3
+    made, served = _shared_steps_made_and_serving(monkeypatch, [4, 4, 1, 4], [4, 3, 4, 3], seed=6)
     # the first batch's step of 4 samples serves the second (4 slots, where groups of 2 have 4);
     # one sample in groups of 4 would leave 3 of 4 slots empty: a step of 1 sample is made; the
     # fourth batch takes the step of 4 again, not the more recent one of 1 (4 groups, where 2 do)
     assert made == [4, 1]
     assert served == [4, 4, 1, 4]
+
+
+def test_a_kept_shared_step_more_than_twice_as_large_does_not_serve(monkeypatch):
+    """A kept step of 5 samples per group would serve 4 samples in groups of 2 by the group and slot
+    bounds (one group of 5 slots where two of 2 hold 4, a quarter more), but its masks and cache are
+    over twice the size asked for: a step of 2 is made."""
+    made, served = _shared_steps_made_and_serving(monkeypatch, [5, 4], [5, 2], seed=7)
+    assert made == [5, 2]
+    assert served == [5, 2, 2]
 
 
 def _call_instead_of_capture(monkeypatch):
