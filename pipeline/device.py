@@ -23,6 +23,6 @@ def on_device(values, device, dtype: torch.dtype | None = None) -> torch.Tensor:
     from a staging buffer that is reused later)."""
     tensor = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=dtype)
     device = torch.device(device)
-    if device.type != "cuda" or tensor.device.type != "cpu":
+    if device.type != "cuda" or tensor.device.type != "cpu" or not tensor.numel():  # nothing to stage
         return tensor.to(device)
     return tensor.contiguous().pin_memory().to(device, non_blocking=True)  # pinning takes no expanded views

@@ -41,8 +41,8 @@ from pipeline.decoding.cuda_graph import (
     padded_graphs_enabled,
 )
 from pipeline.decoding import shared_prefix
-from pipeline.device import on_device
 from pipeline.decoding.shared_prefix import decoder_for, kv_geometry
+from pipeline.device import on_device
 from pipeline.hooks import StepMasks, UnitHooks, using_hooks
 from pipeline.models.inputs import pad, position_ids, with_cache
 
@@ -275,7 +275,7 @@ def _masked_works(dense: list[DenseRun], head_keep, neuron_keep) -> list[_Masked
         dense_step = flat.view(step.shape)
         active = (~dense_step.all(1)).nonzero()[:, 0]
         shared = int(dense_step[active].all(0).int().argmin()) if len(active) else len(d.tokens)
-        index = active.to(h.device)
+        index = on_device(active, h.device)
         works.append(_MaskedWork(d, active.tolist(), shared, h[index, shared:], n[index, shared:]))
     return works
 

@@ -178,8 +178,9 @@ def oracle_overlaps(head_keep, neuron_keep, rows, lengths: list[int], steps: lis
     device = head_keep.device
     # within[k, token]: the token is one of the steps pair k's label-free row decoded in its sample;
     # past them nothing counts as switched off
+    spans = token_starts(lengths)
     sample = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
-    step = torch.arange(len(sample)) - torch.tensor(token_starts(lengths))[sample]
+    step = torch.arange(len(sample)) - torch.tensor(spans)[sample]
     decoded = torch.tensor(steps)[:, [i for i, _, _ in pairs]]  # [samples, pairs]
     within = on_device(step[None, :] < decoded[sample].T, device)  # [pairs, tokens]
     if kept is None:
@@ -199,7 +200,7 @@ def oracle_overlaps(head_keep, neuron_keep, rows, lengths: list[int], steps: lis
             ratio_sums.append((both_off.double() / either_off.clamp(min=1).double() * valid).sum(-1))
             valid_layers.append(valid.sum(-1))
     # per sample: sums over its tokens, as differences of running sums (deterministic, unlike atomic adds)
-    starts = on_device(token_starts(lengths), device)
+    starts = on_device(spans, device)
     ends = starts + on_device(lengths, device)
 
     def per_sample(values: torch.Tensor) -> torch.Tensor:  # [pairs x kinds, tokens] -> [pairs x kinds, samples]
@@ -208,7 +209,7 @@ def oracle_overlaps(head_keep, neuron_keep, rows, lengths: list[int], steps: lis
 
     ious = (per_sample(torch.stack(ratio_sums)) / per_sample(torch.stack(valid_layers)).double())
     ious = ious.view(len(pairs), 2, len(lengths)).permute(2, 0, 1).cpu()  # [samples, pairs, kind]: one transfer
-    _settle_ties(ious, counts, token_starts(lengths), lengths)
+    _settle_ties(ious, counts, spans, lengths)
     named = [(i, reference) for i, _, reference in pairs]
     return [OraclePairs(len(rows), named, sample_ious) for sample_ious in ious]
 
