@@ -57,6 +57,7 @@ LEVERS = {
     "masked_groups": ("pipeline.decoding.generation", "MASKED_GROUPS", False),
     "background_records": ("pipeline.runner.callbacks", "BACKGROUND_ON_ACCELERATORS", False),
     "switch_interval": ("pipeline.runner.callbacks", "RECORD_THREAD_SWITCH_S", None),  # off: Python's 5 ms
+    "records_after_launches": ("pipeline.runner.callbacks", "RECORDS_AFTER_LAUNCHES", False),
     "keep_on_device": ("pipeline.runner.module", "KEEP_ON_DEVICE_AT_TEARDOWN", False),
     "no_cudnn": ("pipeline.runner.module", "NO_CUDNN_ATTENTION", False),
     "no_cudnn_attribution": ("pipeline.scores.exact_attention", "CUDNN_ATTENTION", True),

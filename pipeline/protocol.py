@@ -6,6 +6,7 @@ bottom and can be called directly.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -54,14 +55,18 @@ class DecodedBatch:
 
 def decode_batch(model, tokenizer, layout: UnitLayout, samples: list[Sample], template: str,
                  protocol: ProtocolConfig, stop_ids: list[int], thresholds: dict | None = None,
-                 layer_levels: dict | None = None, hooks: UnitHooks | None = None) -> DecodedBatch:
+                 layer_levels: dict | None = None, hooks: UnitHooks | None = None,
+                 launched: Callable[[], None] | None = None) -> DecodedBatch:
     """A batch's device work: labels, scores, masks, masked decoding, row numbers; its
     ``finish`` builds the records (host work).
 
     ``thresholds`` are the calibrated per-layer magnitude thresholds of the ``static`` metric;
     ``layer_levels`` ``{metric: [levels, layers]}`` the calibrated allocation's per-layer levels.
     ``hooks``: the run's ``UnitHooks`` (installed), used by attribution and masked decoding;
-    None: each of them installs its own for the call.
+    None: each of them installs its own for the call. ``launched``: called once the launch-bound
+    work (many small kernels: labels, scores, masks, the first masked steps) is queued; from there
+    the host mostly waits for the device, and other host work (the previous batch's records) slows
+    little.
 
     The dense runs decode together, attribution runs once for the whole batch, and the
     masked rows of all samples decode together. Every masked row continues from its
@@ -81,7 +86,7 @@ def decode_batch(model, tokenizer, layout: UnitLayout, samples: list[Sample], te
     lengths = [len(d.tokens) for d in dense]
     head_keep, neuron_keep = _keep_masks(scores, lengths, protocol, thresholds, layer_levels)
     outputs = masked_after_dense_batch(model, dense, head_keep.split(lengths, 1), neuron_keep.split(lengths, 1),
-                                       stop_ids, hooks)
+                                       stop_ids, hooks, on_queued=launched)
     stats = row_stats(layout, head_keep, neuron_keep, lengths, outputs, protocol)
     # on the host here: the records' host work may run in another thread, which must not use the GPU
     # while this one captures CUDA graphs

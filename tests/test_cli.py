@@ -202,6 +202,43 @@ def test_background_records_are_the_synchronous_ones(tiny_dir, tmp_path, monkeyp
     assert (tmp_path / "background" / "records.jsonl").read_bytes() == (tmp_path / "sync" / "records.jsonl").read_bytes()
 
 
+def test_a_batchs_host_work_waits_for_the_next_batchs_launches(tiny_dir, tmp_path, monkeypatch):
+    """In the writer's thread, batch k's host work starts only after batch k+1 has queued its
+    launch-bound work (labels, scores, masks; ``RecordWriter.device_busy``), so that it does not
+    take the GIL from those launches; the last batch's starts when prediction ends. A slow
+    attribution makes starting at once show: the work would start inside it."""
+    import threading
+    import time
+
+    from pipeline import protocol
+    from pipeline.runner import callbacks
+
+    events = []  # (what, batch, time)
+    attribute, write = protocol.attribute_batch, callbacks.RecordWriter._write
+
+    def slow_attribution(*args, **kwargs):
+        time.sleep(0.3)
+        events.append(("attributed", sum(e[0] == "attributed" for e in events), time.monotonic()))
+        return attribute(*args, **kwargs)
+
+    def recording(shard, host_work):
+        events.append(("host work", sum(e[0] == "host work" for e in events), time.monotonic()))
+        assert threading.current_thread().name.startswith("sparseact-records")
+        return write(shard, host_work)
+
+    monkeypatch.setattr(protocol, "attribute_batch", slow_attribution)
+    monkeypatch.setattr(callbacks.RecordWriter, "setup", lambda self, *args, **kwargs: setattr(self, "background", True))
+    monkeypatch.setattr(callbacks.RecordWriter, "_write", staticmethod(recording))
+    main(_args(tiny_dir, tmp_path / "run", "--run.batch_size", "1"))
+    attributed = {batch: at for what, batch, at in events if what == "attributed"}
+    started = {batch: at for what, batch, at in events if what == "host work"}
+    assert len(attributed) == len(started) == 3
+    for batch in range(2):
+        assert started[batch] > attributed[batch + 1], events
+    assert started[2] > attributed[2]
+    assert len((tmp_path / "run" / "records.jsonl").read_text().splitlines()) == 3 * 2 * 2
+
+
 def test_objects_of_before_prediction_are_left_out_of_garbage_collections(tiny_dir, tmp_path, monkeypatch):
     """While predicting, the objects that existed before (libraries, model) are frozen out of the
     garbage collector's scans; afterwards they are the collector's again, also after a failure and

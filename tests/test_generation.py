@@ -133,8 +133,50 @@ def test_padded_captured_steps_equal_eager_decoding(arch, monkeypatch):
             torch.testing.assert_close(keys, want_keys)
             torch.testing.assert_close(values, want_values)
     assert any(key[0] == "padded" for key in model._sparseact_decoders)
-    assert generation.masked_after_dense_batch(model, dense, heads, neurons, []) == expected
+    # every group is queued before any group's tokens are read, and the caller hears when the first is
+    events = []
+    decode, lengths = generation.shared_prefix.SharedPrefixDecoder.decode, generation._lengths
+    monkeypatch.setattr(generation.shared_prefix.SharedPrefixDecoder, "decode",
+                        lambda *a, **k: events.append("group queued") or decode(*a, **k))
+    monkeypatch.setattr(generation, "_lengths", lambda *a, **k: events.append("tokens read") or lengths(*a, **k))
+    got = generation.masked_after_dense_batch(model, dense, heads, neurons, [],
+                                              on_queued=lambda: events.append("on_queued"))
+    assert got == expected
+    assert events == ["group queued", "on_queued", "group queued", "tokens read", "tokens read"]
     assert sum(key[0] == "shared" for key in model._sparseact_decoders) == 1  # one shape for all groups
+
+
+def test_replayed_steps_stop_early_but_do_not_wait_after_the_last_step(monkeypatch):
+    """Every ``CHECK_EVERY`` steps the replay loop asks whether all rows have ended (a wait for the
+    device) and stops if so; after the last step it does not ask, so the caller can queue more
+    work before it waits."""
+    from pipeline.decoding import cuda_graph
+
+    checks = []
+    isin = torch.isin
+    monkeypatch.setattr(torch, "isin", lambda *a, **k: checks.append(1) or isin(*a, **k))
+    every = cuda_graph.CHECK_EVERY
+    eos = torch.tensor([2])
+
+    def run(steps: int, eos_at: int | None):
+        state = {"step": 0}
+        next_token = torch.zeros(3, dtype=torch.long)
+
+        def replay():
+            next_token.fill_(2 if eos_at is not None and state["step"] >= eos_at else 5)
+            state["step"] += 1
+
+        checks.clear()
+        tokens = cuda_graph.replay_steps(replay, next_token, None, None, None, steps, eos)
+        return tokens, state["step"], len(checks)
+
+    tokens, replayed, asked = run(2 * every, None)
+    assert (tokens.shape, replayed, asked) == ((3, 2 * every), 2 * every, 1)
+    tokens, replayed, asked = run(2 * every + 3, None)
+    assert (replayed, asked) == (2 * every + 3, 2)
+    tokens, replayed, asked = run(3 * every, eos_at=1)  # every row ended at its second step: stops at the check
+    assert (tokens.shape[1], replayed, asked) == (every, every, 1)
+    assert tokens[:, 1:].eq(2).all() and tokens[:, 0].eq(5).all()
 
 
 def test_captured_steps_of_a_longer_batch_serve_a_shorter_one(monkeypatch):

@@ -140,14 +140,18 @@ def replay_steps(replay, next_token: torch.Tensor, masks: StepMasks | None, head
                  eos: torch.Tensor) -> torch.Tensor:
     """Tokens ``[rows, <= steps]`` of ``steps`` calls of ``replay``, each writing ``next_token``;
     ``masks`` (None: dense) is loaded with each step's ``heads``/``neurons`` first. Stops early,
-    checked every ``CHECK_EVERY`` steps, once every row has produced an end-of-sequence token."""
+    checked every ``CHECK_EVERY`` steps, once every row has produced an end-of-sequence token.
+
+    Returns without waiting for the last steps (a check after the last step would stop nothing):
+    the caller may queue more work before it needs the tokens."""
     tokens = torch.zeros(next_token.shape[0], steps, dtype=torch.long, device=next_token.device)
     for step in range(steps):
         if masks is not None:
             masks.load(heads[:, step], neurons[:, step])
         replay()
         tokens[:, step] = next_token
-        if len(eos) and (step + 1) % CHECK_EVERY == 0 and bool(torch.isin(tokens[:, : step + 1], eos).any(1).all()):
+        if (len(eos) and (step + 1) % CHECK_EVERY == 0 and step + 1 < steps
+                and bool(torch.isin(tokens[:, : step + 1], eos).any(1).all())):
             return tokens[:, : step + 1]
     return tokens
 

@@ -24,6 +24,7 @@ for 45 rows as for 1000, so rows of many samples share each step.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -283,24 +284,39 @@ def _masked_works(dense: list[DenseRun], head_keep, neuron_keep) -> list[_Masked
 @torch.no_grad()
 def masked_after_dense_batch(model, dense: list[DenseRun], head_keep: list[torch.Tensor],
                              neuron_keep: list[torch.Tensor], eos_token_ids,
-                             hooks: UnitHooks | None = None) -> list[list[list[int]]]:
+                             hooks: UnitHooks | None = None,
+                             on_queued: Callable[[], None] | None = None) -> list[list[list[int]]]:
     """Masked greedy outputs of every row of several samples, each at most its dense run's length.
 
     Per sample, ``head_keep`` ``[rows, steps, layers, heads]`` and ``neuron_keep``
     ``[rows, steps, layers, neurons]`` with ``steps >= len(dense.tokens)``. Steps before the
     first switched-off unit of any row, and rows that never switch a unit off, are the
     dense run's. ``hooks``: the run's ``UnitHooks``; None: installed for this call only.
+    ``on_queued``: called once, when the device has the first decoding steps queued (or, with
+    nothing to decode, before returning): from there the host mostly waits for the device.
 
     On a GPU with captured SDPA steps the rows of many samples share each replayed
     step (``_masked_groups_shared``); with captured steps but no SDPA each
     sample decodes on its own; elsewhere one eager batch uses the matrix units better,
     and rows leave the batch as their sample's answer length is reached.
     """
-    with using_hooks(model, hooks) as hooks:
-        return _masked_rows(model, dense, head_keep, neuron_keep, eos_token_ids, hooks)
+    pending = on_queued
+
+    def once() -> None:
+        nonlocal pending
+        if pending is not None:
+            pending, call = None, pending
+            call()
+
+    try:
+        with using_hooks(model, hooks) as hooks:
+            return _masked_rows(model, dense, head_keep, neuron_keep, eos_token_ids, hooks, once)
+    finally:
+        once()
 
 
-def _masked_rows(model, dense, head_keep, neuron_keep, eos_token_ids, hooks: UnitHooks) -> list[list[list[int]]]:
+def _masked_rows(model, dense, head_keep, neuron_keep, eos_token_ids, hooks: UnitHooks,
+                 on_queued: Callable[[], None]) -> list[list[list[int]]]:
     device = dense[0].prompt_ids.device
     eos = _eos(eos_token_ids, device)
     work = _masked_works(dense, head_keep, neuron_keep)
@@ -310,10 +326,11 @@ def _masked_rows(model, dense, head_keep, neuron_keep, eos_token_ids, hooks: Uni
         return outputs
     if MASKED_GROUPS and padded_graphs_enabled(model) and shared_prefix.supports(model):
         try:
-            _masked_groups_shared(model, work, todo, eos, outputs, hooks)
+            _masked_groups_shared(model, work, todo, eos, outputs, hooks, on_queued)
             return outputs
         except Exception as error:  # noqa: BLE001 - whatever fails to capture is decoded without graphs
             _without_graphs(model, error)
+    on_queued()  # the paths below wait for the device step by step, or run on the CPU
     if graphs_enabled(model) or len(todo) == 1:
         for i in todo:
             w = work[i]
@@ -384,9 +401,11 @@ def _group_samples(model, layout, rows: int, width: int, steps: int) -> int:
     return max(1, min(GROUP_MAX_ROWS // rows, budget // (cache + masks)))
 
 
-def _masked_groups_shared(model, work: list[_MaskedWork], todo: list[int], eos, outputs, hooks: UnitHooks) -> None:
+def _masked_groups_shared(model, work: list[_MaskedWork], todo: list[int], eos, outputs, hooks: UnitHooks,
+                          on_queued: Callable[[], None]) -> None:
     """Decode the masked rows of the samples ``todo``, many samples per step, each sample's
-    prefix read once per step (``shared_prefix.py``).
+    prefix read once per step (``shared_prefix.py``); ``on_queued`` is called once the first
+    group's steps are queued.
 
     All groups of a call have one shape (samples x rows, prefix width, steps), so one
     captured step serves them: a sample with fewer active rows, and a group with fewer
@@ -411,6 +430,9 @@ def _masked_groups_shared(model, work: list[_MaskedWork], todo: list[int], eos, 
         blocks += [blocks[0].new_full(blocks[0].shape, fill)] * (samples - len(values))
         return torch.cat(blocks)
 
+    # Every group is queued before any group's tokens are read: the host prepares group g + 1 while the
+    # device runs group g's last steps (the groups share the decoder's buffers, in stream order).
+    queued = []  # (group, tokens, limits)
     for start in range(0, len(order), samples):
         group = order[start:start + samples]
         group_steps = max(left[i] for i in group)
@@ -421,7 +443,11 @@ def _masked_groups_shared(model, work: list[_MaskedWork], todo: list[int], eos, 
         limits = per_row([torch.full((len(work[i].active),), left[i], device=device) for i in group], 0)
         tokens = decoder.decode([prefixes[i][0] for i in group], first, positions, group_steps, eos,
                                 heads, neurons, hooks)
-        decoded = [row[:n] for row, n in zip(tokens.tolist(), _lengths(tokens, eos, limits))]  # one wait per group
+        queued.append((group, tokens, limits))
+        if start == 0:
+            on_queued()
+    for group, tokens, limits in queued:
+        decoded = [row[:n] for row, n in zip(tokens.tolist(), _lengths(tokens, eos, limits))]
         for slot, i in enumerate(group):
             w = work[i]
             for k, row in enumerate(w.active):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -18,6 +19,11 @@ BACKGROUND_ON_ACCELERATORS = True  # the default of RecordWriter(background=None
 # waited for the record thread's turn to end, so the device waited on the host far more than
 # the records' own time.
 RECORD_THREAD_SWITCH_S = 0.0002
+# A batch's host work waits until the next batch's launch-bound work (dense labels, attribution: many
+# small kernels, each launch needing the GIL) is queued and the feeding thread mostly waits for the
+# device (masked decoding); started at once, it slowed those launches while the device idled
+# (Phi-2 shape, 256 questions, H200: warm runs 5-7% faster; benchmarks/RESULTS.md, session 8).
+RECORDS_AFTER_LAUNCHES = True
 
 
 class MaskingCallback(L.Callback):
@@ -40,10 +46,13 @@ class RecordWriter(BasePredictionWriter):
     A predict step returns its host work (a callable giving the ``EvaluatedBatch``: text,
     BLEU, record lines). With ``background`` (default: on an accelerator) that work and
     the write run in one worker thread while the device computes the next batch: on an
-    H200 they took 20-28% of a run with the GPU idle. At most one batch is pending: it is
+    H200 they took 20-28% of a run with the GPU idle. That work starts when the predict step
+    says the device is busy (``device_busy``, once the next batch's launch-bound work is
+    queued) or when it is waited for, whichever comes first. At most one batch is pending: it is
     on disk before the next one is queued, when prediction ends, and when it fails (a
     Ctrl-C or an error in the next batch loses only that batch). A kill -9 may also lose
-    the pending batch, for as long as its host work takes (about a second).
+    the pending batch until its host work has run: about the next batch's labels and scores
+    and then a second.
     """
 
     def __init__(self, run_dir: Path, background: bool | None = None):
@@ -52,6 +61,7 @@ class RecordWriter(BasePredictionWriter):
         self.background = background
         self._worker: ThreadPoolExecutor | None = None
         self._pending: Future | None = None
+        self._may_start = threading.Event()  # the pending batch's host work may start
         self._switch_interval: float | None = None  # Python's, while the record thread runs
 
     def shard(self, trainer) -> Path:
@@ -72,7 +82,20 @@ class RecordWriter(BasePredictionWriter):
             if RECORD_THREAD_SWITCH_S:
                 self._switch_interval = sys.getswitchinterval()
                 sys.setswitchinterval(min(RECORD_THREAD_SWITCH_S, self._switch_interval))
-        self._pending = self._worker.submit(self._write, self.shard(trainer), prediction)
+        self._may_start = may_start = threading.Event()
+        if not RECORDS_AFTER_LAUNCHES:
+            may_start.set()
+        self._pending = self._worker.submit(self._write_once_started, may_start, self.shard(trainer), prediction)
+
+    def device_busy(self) -> None:
+        """The feeding thread's launch-bound work of the batch is queued: the pending batch's host
+        work may start now (called by the predict step; ``protocol.decode_batch``'s ``launched``)."""
+        self._may_start.set()
+
+    @classmethod
+    def _write_once_started(cls, may_start: threading.Event, shard: Path, host_work) -> None:
+        may_start.wait()
+        cls._write(shard, host_work)
 
     @staticmethod
     def _write(shard: Path, host_work) -> None:
@@ -85,6 +108,7 @@ class RecordWriter(BasePredictionWriter):
     def wait(self) -> None:
         """Until the pending batch is on disk; its error, if any, is raised here."""
         pending, self._pending = self._pending, None
+        self._may_start.set()
         if pending is not None:
             pending.result()
 

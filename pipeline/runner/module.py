@@ -61,7 +61,7 @@ def _attention_kernels():
 class SparseActivationModule(L.LightningModule):
     def __init__(self, model, tokenizer, template: str, protocol: ProtocolConfig, task: str, stop_ids: list[int],
                  thresholds: dict | None = None, layer_levels: dict | None = None, fingerprint: str | None = None,
-                 host_tokenizer=None):
+                 host_tokenizer=None, device_busy=None):
         super().__init__()
         self.model = model
         self.tokenizer = tokenizer
@@ -70,6 +70,9 @@ class SparseActivationModule(L.LightningModule):
         # once. Made before the predict loop (run.py copies it while the weights move to the GPU): made
         # at the first batch, it was 0.19 s of an idle device per process (Phi-2 shape, H200).
         self.host_tokenizer = host_tokenizer if host_tokenizer is not None else copy.deepcopy(tokenizer)
+        # called in each step once its launch-bound work is queued: RecordWriter.device_busy, which then
+        # starts the previous batch's host work (earlier, the GIL that work holds slowed those launches)
+        self.device_busy = device_busy
         self.template = template
         self.protocol = protocol
         self.task = task
@@ -98,7 +101,7 @@ class SparseActivationModule(L.LightningModule):
         with _attention_kernels():
             decoded = decode_batch(self.model, self.tokenizer, self.layout, batch.samples, self.template,
                                    self.protocol, self.stop_ids, self.thresholds, self.layer_levels,
-                                   self.unit_hooks)
+                                   self.unit_hooks, launched=self.device_busy)
         return partial(decoded.finish, self.host_tokenizer, self.protocol, self.task, batch.done)
 
     def cpu(self):

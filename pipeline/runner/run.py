@@ -217,6 +217,7 @@ def _evaluate_locked(job: Job, model: ModelConfig, data: DataConfig, protocol: P
 
     if pending:
         preemption = PreemptionCallback()
+        writer = RecordWriter(run_dir)
         try:
             trainer = L.Trainer(
                 accelerator=run.accelerator, devices=run.devices, num_nodes=run.num_nodes,
@@ -225,7 +226,7 @@ def _evaluate_locked(job: Job, model: ModelConfig, data: DataConfig, protocol: P
                 inference_mode=False,  # attribution needs autograd inside predict_step
                 use_distributed_sampler=False,  # the data module deals whole blocks of samples to the ranks
                 # tqdm rather than rich: it also leaves readable progress lines in batch-job logs
-                callbacks=[MaskingCallback(), RecordWriter(run_dir), preemption]
+                callbacks=[MaskingCallback(), writer, preemption]
                 + ([TQDMProgressBar()] if run.progress else []),
                 # Lightning's own SLURM requeue saves a training checkpoint; prediction needs none
                 plugins=[SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else None,
@@ -247,7 +248,7 @@ def _evaluate_locked(job: Job, model: ModelConfig, data: DataConfig, protocol: P
         layer_levels = levels.tensors(loaded.model, loaded.tokenizer, template, calibration, stop_ids, run_dir,
                                       write=trainer.global_rank == 0)
         module = SparseActivationModule(loaded.model, loaded.tokenizer, template, protocol, task, stop_ids, thresholds,
-                                        layer_levels, info["fingerprint"], host_tokenizer)
+                                        layer_levels, info["fingerprint"], host_tokenizer, writer.device_busy)
         waited = wait_for_ranks(trainer)
         started = time.time()
         try:
