@@ -64,9 +64,9 @@ def decode_batch(model, tokenizer, layout: UnitLayout, samples: list[Sample], te
     ``layer_levels`` ``{metric: [levels, layers]}`` the calibrated allocation's per-layer levels.
     ``hooks``: the run's ``UnitHooks`` (installed), used by attribution and masked decoding;
     None: each of them installs its own for the call. ``launched``: called once the launch-bound
-    work (many small kernels: labels, scores, masks, the first masked steps) is queued; from there
-    the host mostly waits for the device, and other host work (the previous batch's records) slows
-    little.
+    work (many small kernels: labels, scores, masks) is done and the first masked group's steps are
+    queued (``masked_after_dense_batch``'s ``on_queued``); from there the host mostly waits for the
+    device, and other host work (the previous batch's records) slows little.
 
     The dense runs decode together, attribution runs once for the whole batch, and the
     masked rows of all samples decode together. Every masked row continues from its

@@ -203,40 +203,69 @@ def test_background_records_are_the_synchronous_ones(tiny_dir, tmp_path, monkeyp
 
 
 def test_a_batchs_host_work_waits_for_the_next_batchs_launches(tiny_dir, tmp_path, monkeypatch):
-    """In the writer's thread, batch k's host work starts only after batch k+1 has queued its
-    launch-bound work (labels, scores, masks; ``RecordWriter.device_busy``), so that it does not
-    take the GIL from those launches; the last batch's starts when prediction ends. A slow
-    attribution makes starting at once show: the work would start inside it."""
-    import threading
+    """In the writer's thread, batch k's host work starts when batch k+1 says its launch-bound work
+    (labels, scores, masks) is queued (``RecordWriter.device_busy``, passed down to the predict
+    step), before the writer waits for it; the last batch's starts when prediction ends. A slow
+    attribution makes starting at once show, and a pause after ``device_busy`` a start that only
+    comes from the wait."""
     import time
 
     from pipeline import protocol
     from pipeline.runner import callbacks
 
-    events = []  # (what, batch, time)
+    events = []  # in order, from both threads
     attribute, write = protocol.attribute_batch, callbacks.RecordWriter._write
+    busy, wait = callbacks.RecordWriter.device_busy, callbacks.RecordWriter.wait
 
     def slow_attribution(*args, **kwargs):
         time.sleep(0.3)
-        events.append(("attributed", sum(e[0] == "attributed" for e in events), time.monotonic()))
         return attribute(*args, **kwargs)
 
-    def recording(shard, host_work):
-        events.append(("host work", sum(e[0] == "host work" for e in events), time.monotonic()))
-        assert threading.current_thread().name.startswith("sparseact-records")
+    def recording_busy(self):
+        events.append("device busy")
+        busy(self)
+        time.sleep(0.3)
+
+    def recording_wait(self):
+        events.append("wait")
+        return wait(self)
+
+    def recording_write(shard, host_work):
+        events.append("host work")
         return write(shard, host_work)
 
     monkeypatch.setattr(protocol, "attribute_batch", slow_attribution)
     monkeypatch.setattr(callbacks.RecordWriter, "setup", lambda self, *args, **kwargs: setattr(self, "background", True))
-    monkeypatch.setattr(callbacks.RecordWriter, "_write", staticmethod(recording))
+    monkeypatch.setattr(callbacks.RecordWriter, "device_busy", recording_busy)
+    monkeypatch.setattr(callbacks.RecordWriter, "wait", recording_wait)
+    monkeypatch.setattr(callbacks.RecordWriter, "_write", staticmethod(recording_write))
     main(_args(tiny_dir, tmp_path / "run", "--run.batch_size", "1"))
-    attributed = {batch: at for what, batch, at in events if what == "attributed"}
-    started = {batch: at for what, batch, at in events if what == "host work"}
-    assert len(attributed) == len(started) == 3
-    for batch in range(2):
-        assert started[batch] > attributed[batch + 1], events
-    assert started[2] > attributed[2]
+    # three batches: each waits for the one before at its end (nothing pending at the first), and
+    # prediction's end waits for the last
+    assert events == ["device busy", "wait",
+                      "device busy", "host work", "wait",
+                      "device busy", "host work", "wait",
+                      "wait", "host work"], events
     assert len((tmp_path / "run" / "records.jsonl").read_text().splitlines()) == 3 * 2 * 2
+
+
+def test_host_work_nobody_waited_for_is_written_when_the_writer_closes(tmp_path):
+    """If no hook waited for the pending batch (one before the writer's failed), closing the writer
+    still writes it instead of leaving its thread waiting for ever (the process could not exit)."""
+    import pickle
+    import threading
+
+    from pipeline.results.store import read_records
+    from pipeline.runner.callbacks import RecordWriter
+
+    writer = RecordWriter(tmp_path, background=True)
+    pickle.dumps(writer)  # as a spawning launcher would
+    writer.write_on_batch_end(_Trainer(), None, _host_work(["a"]), None, None, 0)
+    closing = threading.Thread(target=writer._close)
+    closing.start()
+    closing.join(10)
+    assert not closing.is_alive()
+    assert [r.sample_id for r in read_records(tmp_path)] == ["a"]
 
 
 def test_objects_of_before_prediction_are_left_out_of_garbage_collections(tiny_dir, tmp_path, monkeypatch):

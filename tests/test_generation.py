@@ -352,10 +352,16 @@ def test_ctrl_c_inside_a_captured_step_is_not_taken_for_a_failed_capture(monkeyp
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 @pytest.mark.parametrize("arch", ["llama", "phi"])
-def test_captured_shared_prefix_groups_equal_eager_decoding_on_cuda(arch):
+@pytest.mark.parametrize("max_rows", [None, 10])
+def test_captured_shared_prefix_groups_equal_eager_decoding_on_cuda(arch, max_rows, monkeypatch):
     """On a GPU, in fp32: the masked rows of many samples through the captured shared-prefix
-    step give the tokens of the eager loop (the same dense runs and masks)."""
+    step give the tokens of the eager loop (the same dense runs and masks); also in groups of
+    two samples, all queued on the device before any group's tokens are read (one replayed
+    step and its buffers serve them in stream order)."""
     import pipeline.decoding.generation as generation
+
+    if max_rows is not None:
+        monkeypatch.setattr(generation, "GROUP_MAX_ROWS", max_rows)
 
     model = tiny_model(arch, dtype=torch.float32).cuda()
     model.set_attn_implementation("sdpa")
@@ -375,6 +381,8 @@ def test_captured_shared_prefix_groups_equal_eager_decoding_on_cuda(arch):
         got = generation.masked_after_dense_batch(model, dense, heads, neurons, [])
     decoders = model.__dict__.get("_sparseact_decoders", {})
     assert any(key[0] == "shared" for key in decoders), [str(w.message) for w in caught]  # the captured path ran
+    if max_rows is not None:
+        assert all(key[1] == 2 for key in decoders if key[0] == "shared")  # 3 groups of 2 samples x 5 rows
     assert got == expected
     assert any(row != d.tokens for rows, d in zip(got, dense) for row in rows)
 

@@ -292,8 +292,10 @@ def masked_after_dense_batch(model, dense: list[DenseRun], head_keep: list[torch
     ``[rows, steps, layers, neurons]`` with ``steps >= len(dense.tokens)``. Steps before the
     first switched-off unit of any row, and rows that never switch a unit off, are the
     dense run's. ``hooks``: the run's ``UnitHooks``; None: installed for this call only.
-    ``on_queued``: called once, when the device has the first decoding steps queued (or, with
-    nothing to decode, before returning): from there the host mostly waits for the device.
+    ``on_queued``: called once: after the first group's steps are queued (all but its last few,
+    fewer than ``CHECK_EVERY``, may have run by then), from where the host mostly waits for the
+    device; before the eager and per-sample paths, which wait step by step; and, with nothing to
+    decode or on an error, before returning.
 
     On a GPU with captured SDPA steps the rows of many samples share each replayed
     step (``_masked_groups_shared``); with captured steps but no SDPA each

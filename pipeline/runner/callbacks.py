@@ -22,8 +22,11 @@ RECORD_THREAD_SWITCH_S = 0.0002
 # A batch's host work waits until the next batch's launch-bound work (dense labels, attribution: many
 # small kernels, each launch needing the GIL) is queued and the feeding thread mostly waits for the
 # device (masked decoding); started at once, it slowed those launches while the device idled
-# (Phi-2 shape, 256 questions, H200: warm runs 5-7% faster; benchmarks/RESULTS.md, session 8).
+# (Phi-2 shape, 256 questions, H200: cold runs 6% and warm runs 5% faster with it; benchmarks/RESULTS.md,
+# session 8, call 3). It waits at most this long, so that a writer nobody waits for cannot hang the
+# process at exit.
 RECORDS_AFTER_LAUNCHES = True
+RECORDS_START_AT_THE_LATEST_S = 60.0
 
 
 class MaskingCallback(L.Callback):
@@ -61,7 +64,7 @@ class RecordWriter(BasePredictionWriter):
         self.background = background
         self._worker: ThreadPoolExecutor | None = None
         self._pending: Future | None = None
-        self._may_start = threading.Event()  # the pending batch's host work may start
+        self._may_start: threading.Event | None = None  # the pending batch's host work may start
         self._switch_interval: float | None = None  # Python's, while the record thread runs
 
     def shard(self, trainer) -> Path:
@@ -90,11 +93,15 @@ class RecordWriter(BasePredictionWriter):
     def device_busy(self) -> None:
         """The feeding thread's launch-bound work of the batch is queued: the pending batch's host
         work may start now (called by the predict step; ``protocol.decode_batch``'s ``launched``)."""
-        self._may_start.set()
+        self._let_start()
+
+    def _let_start(self) -> None:
+        if self._may_start is not None:
+            self._may_start.set()
 
     @classmethod
     def _write_once_started(cls, may_start: threading.Event, shard: Path, host_work) -> None:
-        may_start.wait()
+        may_start.wait(RECORDS_START_AT_THE_LATEST_S)
         cls._write(shard, host_work)
 
     @staticmethod
@@ -108,11 +115,12 @@ class RecordWriter(BasePredictionWriter):
     def wait(self) -> None:
         """Until the pending batch is on disk; its error, if any, is raised here."""
         pending, self._pending = self._pending, None
-        self._may_start.set()
+        self._let_start()
         if pending is not None:
             pending.result()
 
     def _close(self) -> None:
+        self._let_start()  # a batch nobody waited for (a hook before this one failed) is still written
         if self._worker is not None:
             self._worker.shutdown(wait=True)
             self._worker = None
