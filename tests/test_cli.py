@@ -175,6 +175,13 @@ def test_saved_raw_scores_round_trip(tiny_dir, tmp_path):
     assert saved["cor_gxo"].heads.shape == fresh.heads.shape
 
 
+def _writer_in_background(monkeypatch):
+    """The record writer's thread, the accelerator default, on the CPU too."""
+    from pipeline.runner import callbacks
+
+    monkeypatch.setattr(callbacks.RecordWriter, "setup", lambda self, *args, **kwargs: setattr(self, "background", True))
+
+
 def test_background_records_are_the_synchronous_ones(tiny_dir, tmp_path, monkeypatch):
     """Host work in the writer's thread (the accelerator default, forced here on the CPU) writes
     the same records, in the same order, as the synchronous writer, over several batches."""
@@ -192,7 +199,7 @@ def test_background_records_are_the_synchronous_ones(tiny_dir, tmp_path, monkeyp
         return write(shard, host_work)
 
     intervals, before = [], sys.getswitchinterval()
-    monkeypatch.setattr(callbacks.RecordWriter, "setup", lambda self, *args, **kwargs: setattr(self, "background", True))
+    _writer_in_background(monkeypatch)
     monkeypatch.setattr(callbacks.RecordWriter, "_write", staticmethod(recording))
     main(_args(tiny_dir, tmp_path / "background", "--run.batch_size", "1"))
     assert threads and all(name.startswith("sparseact-records") for name in threads)
@@ -235,7 +242,7 @@ def test_a_batchs_host_work_waits_for_the_next_batchs_launches(tiny_dir, tmp_pat
         return write(shard, host_work)
 
     monkeypatch.setattr(protocol, "attribute_batch", slow_attribution)
-    monkeypatch.setattr(callbacks.RecordWriter, "setup", lambda self, *args, **kwargs: setattr(self, "background", True))
+    _writer_in_background(monkeypatch)
     monkeypatch.setattr(callbacks.RecordWriter, "device_busy", recording_busy)
     monkeypatch.setattr(callbacks.RecordWriter, "wait", recording_wait)
     monkeypatch.setattr(callbacks.RecordWriter, "_write", staticmethod(recording_write))

@@ -50,6 +50,25 @@ def _run(tiny_dir, out, devices=1):
     return result
 
 
+def _torchrun(*arguments) -> list[str]:
+    """Two ranks started at once, as torchrun (and srun on a cluster) start them."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *arguments]
+
+
+def _finished(command, env=None) -> tuple[int, str, str]:
+    """Return code, stdout and stderr of ``command``, run in a session of its own: if it hangs (a rank
+    waiting for ever), every process of it is killed, not only the launcher."""
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env or _env(),
+                               start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        raise
+    return process.returncode, stdout, stderr
+
+
 def _lines_on_disk(out: Path) -> int:
     return sum(p.read_text().count("\n") for p in out.glob("records*.jsonl"))
 
@@ -153,17 +172,9 @@ def test_a_rank_without_a_block_finishes(tiny_dir, reference, tmp_path, launcher
     out = tmp_path / "run"
     command = _limited(_command(tiny_dir, out, 2), 2)
     if launcher == "torchrun":
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                   *command[1:]]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
-                               start_new_session=True)
-    try:
-        _, stderr = process.communicate(timeout=300)
-    except subprocess.TimeoutExpired:  # the hang this test is about: stop every rank, not only the launcher
-        os.killpg(process.pid, signal.SIGKILL)
-        process.communicate()
-        raise
-    assert process.returncode == 0, stderr[-8000:]  # a rank's own message comes before the launcher's
+        command = _torchrun(*command[1:])
+    returncode, _, stderr = _finished(command)  # a hang, what this test is about, kills every rank
+    assert returncode == 0, stderr[-8000:]  # a rank's own message comes before the launcher's
     records = read_records(out)
     assert len(records) == 2 * 5 * 3
     expected = {(r.sample_id, r.metric, r.level): r for r in read_records(reference)}
@@ -207,17 +218,8 @@ def test_ranks_that_differ_all_stop(tiny_dir, tmp_path, differ, message):
     script = tmp_path / "rank_script.py"
     script.write_text(differ)
     out = tmp_path / "run"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
-               *_command(tiny_dir, out, 2)[3:]]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
-                               start_new_session=True)
-    try:
-        _, stderr = process.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.communicate()
-        raise
-    assert process.returncode != 0
+    returncode, _, stderr = _finished(_torchrun(str(script), *_command(tiny_dir, out, 2)[3:]))
+    assert returncode != 0
     # each rank raises it; torchrun may stop one rank before it prints, once the other has failed
     assert f"rank(s) 1 {message}" in stderr, stderr[-8000:]
     assert not list(tmp_path.glob("run*/records*.jsonl"))
@@ -256,16 +258,14 @@ def test_the_evaluation_is_timed_once_every_rank_has_loaded(tiny_dir, reference,
     stamps = tmp_path / "stamps"
     stamps.mkdir()
     out = tmp_path / "run"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
-               *_command(tiny_dir, out, 2)[3:]]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300,
-                            env={**_env(), "SLOW_LOAD_S": str(slow), "STAMPS": str(stamps)})
-    assert result.returncode == 0, result.stderr[-4000:]
+    returncode, stdout, stderr = _finished(_torchrun(str(script), *_command(tiny_dir, out, 2)[3:]),
+                                           env={**_env(), "SLOW_LOAD_S": str(slow), "STAMPS": str(stamps)})
+    assert returncode == 0, stderr[-4000:]
     stamp = {path.name: float(path.read_text()) for path in stamps.iterdir()}
     assert stamp["evaluating_0"] > stamp["loaded_1"] > stamp["loaded_0"] + slow / 2
     found = re.search(r"evaluated \d+ samples in [\d.]+ s.*; before that, ([\d.]+) s waiting for the other ranks",
-                      result.stdout)
-    assert found, result.stdout[-2000:]
+                      stdout)
+    assert found, stdout[-2000:]
     assert float(found.group(1)) >= slow / 2
     assert _keyed(out) == _keyed(reference)
 
