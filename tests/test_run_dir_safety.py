@@ -81,6 +81,32 @@ def test_edited_question_is_refused_and_symlink_accepted(tiny_dir, tmp_path, cap
     assert "4 of 4 samples already done" in capsys.readouterr().out
 
 
+def test_records_of_other_code_are_refused(tiny_dir, tmp_path, capsys, monkeypatch):
+    """Code that computes other numbers from the same inputs (``NUMBERS_VERSION``) is another run:
+    neither a directory of an older version nor one made before the field existed is appended to."""
+    import pipeline.runner.run as run_module
+    from pipeline.results.store import NUMBERS_VERSION
+
+    data = _questions(tmp_path / "q.jsonl", QUESTIONS[:2])
+    out = tmp_path / "run"
+    main(_args(tiny_dir, data, out))
+    before = _snapshot(out)
+    monkeypatch.setattr(run_module, "NUMBERS_VERSION", NUMBERS_VERSION + 1)
+    line = _refused(capsys, _args(tiny_dir, data, out))
+    assert f"numbers_version: {NUMBERS_VERSION} -> {NUMBERS_VERSION + 1}" in line
+    assert _snapshot(out) == before
+    monkeypatch.undo()
+
+    info = json.loads((out / "run.json").read_text())  # as written before the field existed
+    del info["numbers_affecting"]["numbers_version"]
+    info["fingerprint"] = fingerprint(info["numbers_affecting"])
+    (out / "run.json").write_text(json.dumps(info))
+    before = _snapshot(out)
+    line = _refused(capsys, _args(tiny_dir, data, out))
+    assert f"numbers_version: (absent) -> {NUMBERS_VERSION}" in line
+    assert _snapshot(out) == before
+
+
 def test_replaced_local_weights_are_refused(tmp_path, capsys):
     model = make_tiny_checkpoint(tmp_path / "model")
     data = _questions(tmp_path / "q.jsonl", QUESTIONS[:2])

@@ -28,7 +28,7 @@ from pathlib import Path
 from pipeline.config import ModelConfig
 from pipeline.data.sources import lmeval_run_name
 from pipeline.errors import UserError
-from pipeline.results.store import atomic_write_text, fingerprint
+from pipeline.results.store import NUMBERS_VERSION, atomic_write_text, fingerprint
 
 TASKS_DIR = Path(__file__).resolve().parents[2] / "configs" / "lm_eval" / "tasks"
 
@@ -129,6 +129,7 @@ def run_config(model: ModelConfig, weights: str | None, tasks: list[str], score:
         "limit": None if limit is None else float(limit), "num_fewshot": num_fewshot, "gen_kwargs": gen_kwargs, "apply_chat_template": apply_chat_template,
         "ig_steps": ig_steps if score == "ig" else None,
         "data_dir": str(Path(data_dir).resolve()) if data_dir else None,
+        "numbers_version": NUMBERS_VERSION,  # lm-eval's request cache lives in the directory too
     }
 
 

@@ -3,7 +3,8 @@
 * ``run.json`` holds the configuration and its *fingerprint*, a hash of
   ``numbers_affecting``: everything that changes numbers, identified by content (the
   selected questions' text, the weights' hash or resolved commit, template, protocol,
-  batch size, device type). A run directory only ever holds one fingerprint: another
+  batch size, device type, and ``NUMBERS_VERSION``, the code's own version of its numbers).
+  A run directory only ever holds one fingerprint: another
   configuration is refused before anything is written, naming the fields that differ.
   A ``run.json`` whose contents no longer match its fingerprint (edited by hand) is
   refused too.
@@ -34,6 +35,14 @@ RECORDS = "records.jsonl"
 RUN_INFO = "run.json"
 
 
+# The code's share of a run's identity, in ``numbers_affecting``: raise it with every change that
+# alters a recorded number for the same inputs and settings, so that a rerun of newer code never
+# appends to a directory of older records (the refusal names it: ``numbers_version: 2 -> 3``).
+#   (absent) runs made before this field existed
+#   2        an oracle IoU at a 4-place tie rounds as its exact mean does (measures/mask_stats.py)
+NUMBERS_VERSION = 2
+
+
 def fingerprint(numbers_affecting: dict) -> str:
     blob = json.dumps(numbers_affecting, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -62,16 +71,23 @@ def is_bookkeeping(path: Path) -> bool:
     return path.name.startswith(".lock") or path.name.endswith(".partial")
 
 
+_ABSENT = object()  # a field one of the two dicts lacks
+
+
 def differences(old, new, prefix: str = "") -> list[str]:
     """``field: old -> new`` for every leaf that differs between two ``numbers_affecting`` dicts."""
     if isinstance(old, dict) and isinstance(new, dict):
         found = []
         for key in sorted(set(old) | set(new), key=str):
-            found += differences(old.get(key, "(absent)"), new.get(key, "(absent)"), f"{prefix}{key}.")
+            found += differences(old.get(key, _ABSENT), new.get(key, _ABSENT), f"{prefix}{key}.")
         return found
     if old == new:
         return []
-    short = lambda value: (text if len(text := json.dumps(value, default=str)) <= 40 else text[:37] + "...")  # noqa: E731
+
+    def short(value) -> str:
+        if value is _ABSENT:
+            return "(absent)"
+        return text if len(text := json.dumps(value, default=str)) <= 40 else text[:37] + "..."
     return [f"{prefix.rstrip('.')}: {short(old)} -> {short(new)}"]
 
 

@@ -29,8 +29,8 @@ from pipeline.masks.static import calibrate
 from pipeline.models.loading import LoadedModel, load_model
 from pipeline.models.prompts import answer_length, prompt_ids, resolve_template, stop_token_ids
 from pipeline.results.plot import plot_curves
-from pipeline.results.store import (check_run_dir, completed_samples, fingerprint, load_records, open_run_dir,
-                                    read_records)
+from pipeline.results.store import (NUMBERS_VERSION, check_run_dir, completed_samples, fingerprint, load_records,
+                                    open_run_dir, read_records)
 from pipeline.results.summary import format_table, summarize, write_summary
 from pipeline.runner.callbacks import MaskingCallback, RecordWriter
 from pipeline.runner.module import SparseActivationModule
@@ -140,6 +140,7 @@ def evaluate(
         "protocol": protocol.numbers_affecting(),
         # batch-mates share padded computations, and CPU and GPU kernels round differently
         "batch_size": batch_size, "device": device,
+        "numbers_version": NUMBERS_VERSION,  # what the code computes from all of the above
     }
     info = {
         "fingerprint": fingerprint(numbers_affecting),
