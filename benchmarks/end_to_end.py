@@ -195,7 +195,7 @@ def install(timer: Timer) -> None:
             timer._edge()
             timer.first_batch = time.perf_counter()
 
-    def shapes(result, model, prompts, max_new_tokens, stop_ids):
+    def shapes(result, model, prompts, *_):
         timer.shapes += [(len(p), len(d.tokens)) for p, d in zip(prompts, result)]
 
     def teardown_start(*args, **kwargs):

@@ -19,6 +19,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import arguments, load, machine, record, timed  # noqa: E402
 
+from pipeline.decoding.cuda_graph import CapturedSteps  # noqa: E402
 from pipeline.decoding.generation import greedy_generate  # noqa: E402
 from pipeline.models.adapters import layout_for  # noqa: E402
 from pipeline.models.prompts import prompt_ids  # noqa: E402
@@ -49,18 +50,19 @@ def main():
     head_keep = torch.rand(rows, steps, layout.num_layers, layout.num_heads, generator=generator, device=device) > 0.5
     neuron_keep = torch.rand(rows, steps, layout.num_layers, layout.num_neurons, generator=generator, device=device) > 0.5
 
-    def masked():
-        return greedy_generate(model, prompt, steps, [], head_keep, neuron_keep)
+    graphs = CapturedSteps(model)  # kept across calls, as a run keeps its own
+    eager = CapturedSteps(model)
+    eager.failed = True  # the plain Python loop, where CUDA graphs would otherwise be used
+
+    def masked(captured=graphs):
+        return greedy_generate(model, prompt, steps, [], head_keep, neuron_keep, graphs=captured)
 
     def unmasked():
-        return greedy_generate(model, prompt, steps, [], torch.ones_like(head_keep), torch.ones_like(neuron_keep))
+        return greedy_generate(model, prompt, steps, [], torch.ones_like(head_keep), torch.ones_like(neuron_keep),
+                               graphs=graphs)
 
-    def masked_eager():  # the plain Python loop, where CUDA graphs would otherwise be used
-        model._sparseact_no_graphs = True
-        try:
-            return masked()
-        finally:
-            model._sparseact_no_graphs = False
+    def masked_eager():
+        return masked(eager)
 
     runs = {"hf": hf_generate, "masked": masked, "ones": unmasked}
     if str(device).startswith("cuda"):

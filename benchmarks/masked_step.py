@@ -107,7 +107,7 @@ def time_step(model, hooks, path: str, rows: int, args, flop_rate: float, byte_r
     """Seconds per replayed step of one path, printed against its limits (None: not captured)."""
     layers, _, kv_heads, head_dim = kv_geometry(model.config)
     layout = hooks.layout
-    model.__dict__.pop("_sparseact_decoders", None)
+    graphs = cuda_graph.CapturedSteps(model)  # this shape's own
     width, steps = args.prefix, args.steps
     per_sample = args.rows_per_sample if path == "shared" else 1
     samples = rows // per_sample
@@ -121,7 +121,7 @@ def time_step(model, hooks, path: str, rows: int, args, flop_rate: float, byte_r
     eos = torch.empty(0, dtype=torch.long, device="cuda")
     if path == "shared":
         capacity = cuda_graph.padded_capacity(width)
-        decoder = decoder_for(model, samples, per_sample, capacity, steps, layout)
+        decoder = decoder_for(graphs, samples, per_sample, capacity, steps, layout)
         prefixes = [Prefix(kv, s, 0, width) for s in range(samples)]
         positions = torch.full((rows,), width, device="cuda")
         call = lambda: decoder.decode(prefixes, first, positions, steps, eos, heads, neurons, hooks)  # noqa: E731
@@ -131,7 +131,7 @@ def time_step(model, hooks, path: str, rows: int, args, flop_rate: float, byte_r
         mask = torch.ones(rows, width, dtype=torch.long, device="cuda")
         mask[::2, : width // 4] = 0  # half the rows left-padded by a quarter
         positions = mask.sum(1)
-        call = lambda: cuda_graph.decode_captured_padded(model, kv, mask, positions, first, steps, eos,  # noqa: E731
+        call = lambda: cuda_graph.decode_captured_padded(graphs, kv, mask, positions, first, steps, eos,  # noqa: E731
                                                          heads, neurons, hooks)
         capacity = cuda_graph.padded_capacity(width + steps)
         decoder = None
@@ -141,7 +141,6 @@ def time_step(model, hooks, path: str, rows: int, args, flop_rate: float, byte_r
             raise RuntimeError("not captured (see the warning)")
     except Exception as error:  # noqa: BLE001 - a benchmark reports and goes on
         print(f"[{backend}] {path} rows {rows}: {type(error).__name__}: {error}")
-        model.__dict__.pop("_sparseact_no_graphs", None)
         return None
     torch.cuda.synchronize()
     start = time.perf_counter()
@@ -154,13 +153,12 @@ def time_step(model, hooks, path: str, rows: int, args, flop_rate: float, byte_r
           f"FLOPs {compute * 1e3:.2f} ms -> {max(memory, compute) / per_step:.0%} of the larger")
     if args.profile:
         if decoder is None:
-            decoder = next(d for k, d in model.__dict__["_sparseact_decoders"].items() if k[0] == "padded")
+            decoder = next(d for k, d in graphs.decoders.items() if k[0] == "padded")
             reset = lambda: decoder._start(kv, first, mask, positions)  # noqa: E731
         else:
             reset = lambda: decoder._start(prefixes, first, positions)  # noqa: E731
         profile_step(decoder, hooks, heads, neurons, reset)
-    kv = decoder = None  # free the caches before the next shape
-    model.__dict__.pop("_sparseact_decoders", None)
+    kv = decoder = graphs = None  # free the caches before the next shape
     torch.cuda.empty_cache()
     return per_step
 

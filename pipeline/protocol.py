@@ -14,6 +14,7 @@ import torch
 from pipeline.config import ProtocolConfig
 from pipeline.data.sources import Sample
 from pipeline.hooks import UnitHooks
+from pipeline.decoding.cuda_graph import CapturedSteps
 from pipeline.decoding.generation import dense_generate_batch, masked_after_dense_batch
 from pipeline.masks.allocation import allocate
 from pipeline.masks.static import threshold_masks
@@ -56,14 +57,15 @@ class DecodedBatch:
 def decode_batch(model, tokenizer, layout: UnitLayout, samples: list[Sample], template: str,
                  protocol: ProtocolConfig, stop_ids: list[int], thresholds: dict | None = None,
                  layer_levels: dict | None = None, hooks: UnitHooks | None = None,
-                 launched: Callable[[], None] | None = None) -> DecodedBatch:
+                 launched: Callable[[], None] | None = None, graphs: CapturedSteps | None = None) -> DecodedBatch:
     """A batch's device work: labels, scores, masks, masked decoding, row numbers; its
     ``finish`` builds the records (host work).
 
     ``thresholds`` are the calibrated per-layer magnitude thresholds of the ``static`` metric;
     ``layer_levels`` ``{metric: [levels, layers]}`` the calibrated allocation's per-layer levels.
     ``hooks``: the run's ``UnitHooks`` (installed), used by attribution and masked decoding;
-    None: each of them installs its own for the call. ``launched``: called once the launch-bound
+    None: each of them installs its own for the call. ``graphs``: the run's ``CapturedSteps`` (the
+    decoding steps captured so far, reused); None: captured for this call only. ``launched``: called once the launch-bound
     work (many small kernels: labels, scores, masks) is done and the first masked group's steps are
     queued (``masked_after_dense_batch``'s ``on_queued``); from there the host mostly waits for the
     device, and other host work (the previous batch's records) slows little.
@@ -77,7 +79,8 @@ def decode_batch(model, tokenizer, layout: UnitLayout, samples: list[Sample], te
 
     # Labels: what the dense model says (docs/protocol.md §3).
     dense = dense_generate_batch(
-        model, prompts, [answer_length(tokenizer, s.reference, protocol.max_new_tokens) for s in samples], stop_ids)
+        model, prompts, [answer_length(tokenizer, s.reference, protocol.max_new_tokens) for s in samples], stop_ids,
+        graphs)
 
     # Scores [T, layers, units] per metric and sample.
     scores = _attribute_fitting(model, prompts, [torch.tensor(d.tokens) for d in dense], protocol, hooks)
@@ -86,7 +89,7 @@ def decode_batch(model, tokenizer, layout: UnitLayout, samples: list[Sample], te
     lengths = [len(d.tokens) for d in dense]
     head_keep, neuron_keep = _keep_masks(scores, lengths, protocol, thresholds, layer_levels)
     outputs = masked_after_dense_batch(model, dense, head_keep.split(lengths, 1), neuron_keep.split(lengths, 1),
-                                       stop_ids, hooks, on_queued=launched)
+                                       stop_ids, hooks, on_queued=launched, graphs=graphs)
     stats = row_stats(layout, head_keep, neuron_keep, lengths, outputs, protocol)
     # on the host here: the records' host work may run in another thread, which must not use the GPU
     # while this one captures CUDA graphs

@@ -124,15 +124,15 @@ def test_padded_captured_steps_equal_eager_decoding(arch, monkeypatch):
         neurons.append(n)
     expected = generation.masked_after_dense_batch(model, expected_dense, heads, neurons, [])
 
-    _call_instead_of_capture(monkeypatch)
+    graphs = _call_instead_of_capture(monkeypatch, model)
     monkeypatch.setattr(generation, "GROUP_MAX_ROWS", 8)  # two samples of 4 rows per group: one group half empty
-    dense = generation.dense_generate_batch(model, prompts, limits, [])
+    dense = generation.dense_generate_batch(model, prompts, limits, [], graphs)
     assert [d.tokens for d in dense] == [d.tokens for d in expected_dense]
     for got, want in zip(dense, expected_dense):
         for (keys, values), (want_keys, want_values) in zip(got.kv, want.kv):
             torch.testing.assert_close(keys, want_keys)
             torch.testing.assert_close(values, want_values)
-    assert any(key[0] == "padded" for key in model._sparseact_decoders)
+    assert any(key[0] == "padded" for key in graphs.decoders)
     # every group is queued before any group's tokens are read, and the caller hears when the first is
     events = []
     decode, lengths = generation.shared_prefix.SharedPrefixDecoder.decode, generation._lengths
@@ -140,10 +140,10 @@ def test_padded_captured_steps_equal_eager_decoding(arch, monkeypatch):
                         lambda *a, **k: events.append("group queued") or decode(*a, **k))
     monkeypatch.setattr(generation, "_lengths", lambda *a, **k: events.append("tokens read") or lengths(*a, **k))
     got = generation.masked_after_dense_batch(model, dense, heads, neurons, [],
-                                              on_queued=lambda: events.append("on_queued"))
+                                              on_queued=lambda: events.append("on_queued"), graphs=graphs)
     assert got == expected
     assert events == ["group queued", "on_queued", "group queued", "tokens read", "tokens read"]
-    assert sum(key[0] == "shared" for key in model._sparseact_decoders) == 1  # one shape for all groups
+    assert sum(key[0] == "shared" for key in graphs.decoders) == 1  # one shape for all groups
 
 
 def test_replayed_steps_stop_early_but_do_not_wait_after_the_last_step(monkeypatch):
@@ -201,7 +201,7 @@ def test_captured_steps_of_a_longer_batch_serve_a_shorter_one(monkeypatch):
             model, dense, [h[:, :len(d.tokens)] for (h, _), d in zip(keeps, dense)],
             [n[:, :len(d.tokens)] for (_, n), d in zip(keeps, dense)], [], hooks)))
 
-    _call_instead_of_capture(monkeypatch)
+    graphs = _call_instead_of_capture(monkeypatch, model)  # the run's, as a run passes them to every batch
     import pipeline.decoding.cuda_graph as cuda_graph
 
     made = []
@@ -210,10 +210,11 @@ def test_captured_steps_of_a_longer_batch_serve_a_shorter_one(monkeypatch):
         monkeypatch.setattr(module, maker, lambda *a, _original=original, **k: made.append(a) or _original(*a, **k))
     counts = []
     for ((prompts, limits), keeps), (want_dense, want_masked) in zip(zip(batches, masks), expected):
-        dense = generation.dense_generate_batch(model, prompts, limits, [])
+        dense = generation.dense_generate_batch(model, prompts, limits, [], graphs)
         assert [d.tokens for d in dense] == want_dense
         got = generation.masked_after_dense_batch(model, dense, [h[:, :len(d.tokens)] for (h, _), d in zip(keeps, dense)],
-                                                  [n[:, :len(d.tokens)] for (_, n), d in zip(keeps, dense)], [], hooks)
+                                                  [n[:, :len(d.tokens)] for (_, n), d in zip(keeps, dense)], [], hooks,
+                                                  graphs=graphs)
         assert got == want_masked
         counts.append(len(made))
     assert counts[0] == 2 and counts[1] == 2  # one padded and one shared-prefix decoder, made for the first batch only
@@ -242,7 +243,7 @@ def _shared_steps_made_and_serving(monkeypatch, sizes: list[int], budgets: list[
 
     batches = [batch(size) for size in sizes]
     expected = [generation.masked_after_dense_batch(model, *b, [], hooks) for b in batches]  # eager on the CPU
-    _call_instead_of_capture(monkeypatch)
+    graphs = _call_instead_of_capture(monkeypatch, model)
     made = []
     original = generation.shared_prefix.SharedPrefixDecoder
     monkeypatch.setattr(generation.shared_prefix, "SharedPrefixDecoder",
@@ -253,7 +254,7 @@ def _shared_steps_made_and_serving(monkeypatch, sizes: list[int], budgets: list[
     allowed = iter(budgets)
     monkeypatch.setattr(generation, "_group_samples", lambda *a, **k: next(allowed))
     for number, ((dense, heads, neurons), want) in enumerate(zip(batches, expected)):
-        assert generation.masked_after_dense_batch(model, dense, heads, neurons, [], hooks) == want, number
+        assert generation.masked_after_dense_batch(model, dense, heads, neurons, [], hooks, graphs=graphs) == want, number
     return made, served
 
 
@@ -280,7 +281,9 @@ def test_a_kept_shared_step_more_than_twice_as_large_does_not_serve(monkeypatch)
     assert served == [5, 2, 2]
 
 
-def _call_instead_of_capture(monkeypatch):
+def _call_instead_of_capture(monkeypatch, model):
+    """Steps called where they would be captured (so the GPU paths run on the CPU); returns the
+    ``CapturedSteps`` of ``model`` to pass to the calls, as a run passes its own to every batch."""
     """Captured steps allowed on the CPU: each 'replay' calls the step (the GPU path, run eagerly)."""
     import pipeline.decoding.cuda_graph as cuda_graph
     import pipeline.decoding.shared_prefix as shared_prefix
@@ -295,9 +298,10 @@ def _call_instead_of_capture(monkeypatch):
     def capture_shared(self, prefixes, first_input, positions, heads, neurons, hooks):
         self.graph = Called(self, hooks)
 
-    monkeypatch.setattr(cuda_graph, "graphs_enabled", lambda model: not getattr(model, "_sparseact_no_graphs", False))
+    monkeypatch.setattr(cuda_graph.CapturedSteps, "enabled", property(lambda self: not self.failed))
     monkeypatch.setattr(cuda_graph.CapturedDecoder, "_capture", capture)
     monkeypatch.setattr(shared_prefix.SharedPrefixDecoder, "_capture", capture_shared)
+    return cuda_graph.CapturedSteps(model)
 
 
 def test_sliding_window_models_do_not_take_the_shared_prefix_step(monkeypatch):
@@ -317,12 +321,12 @@ def test_sliding_window_models_do_not_take_the_shared_prefix_step(monkeypatch):
     heads = [torch.rand(3, len(r.tokens), layout.num_layers, layout.num_heads) > 0.3 for r in runs]
     neurons = [torch.rand(3, len(r.tokens), layout.num_layers, layout.num_neurons) > 0.4 for r in runs]
     expected = generation.masked_after_dense_batch(model, runs, heads, neurons, [])
-    _call_instead_of_capture(monkeypatch)
+    graphs = _call_instead_of_capture(monkeypatch, model)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the per-sample captured step refuses sliding layers and says so
-        got = generation.masked_after_dense_batch(model, runs, heads, neurons, [])
+        got = generation.masked_after_dense_batch(model, runs, heads, neurons, [], graphs=graphs)
     assert got == expected
-    assert not any(key[0] == "shared" for key in model.__dict__.get("_sparseact_decoders", {}))
+    assert not any(key[0] == "shared" for key in graphs.decoders)
 
 
 def test_ctrl_c_inside_a_captured_step_is_not_taken_for_a_failed_capture(monkeypatch):
@@ -339,15 +343,15 @@ def test_ctrl_c_inside_a_captured_step_is_not_taken_for_a_failed_capture(monkeyp
     dense = generation.dense_generate_batch(model, prompts, [4, 4], [])
     heads = [torch.rand(2, 4, layout.num_layers, layout.num_heads) > 0.3 for _ in dense]
     neurons = [torch.rand(2, 4, layout.num_layers, layout.num_neurons) > 0.3 for _ in dense]
-    _call_instead_of_capture(monkeypatch)
+    graphs = _call_instead_of_capture(monkeypatch, model)
 
     def interrupted(self, *args, **kwargs):
         raise Interrupted()
 
     monkeypatch.setattr(shared_prefix.SharedPrefixDecoder, "decode", interrupted)
     with pytest.raises(Interrupted):
-        generation.masked_after_dense_batch(model, dense, heads, neurons, [])
-    assert not getattr(model, "_sparseact_no_graphs", False)
+        generation.masked_after_dense_batch(model, dense, heads, neurons, [], graphs=graphs)
+    assert not graphs.failed
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
@@ -373,13 +377,16 @@ def test_captured_shared_prefix_groups_equal_eager_decoding_on_cuda(arch, max_ro
     neurons = [torch.rand(5, len(d.tokens), layout.num_layers, layout.num_neurons) > 0.4 for d in dense]
     for h, n in zip(heads, neurons):
         h[0], n[0] = True, True
-    model._sparseact_no_graphs = True
-    expected = generation.masked_after_dense_batch(model, dense, heads, neurons, [])
-    del model._sparseact_no_graphs
+    from pipeline.decoding.cuda_graph import CapturedSteps
+
+    eager = CapturedSteps(model)
+    eager.failed = True  # as after a failed capture: the eager loop
+    expected = generation.masked_after_dense_batch(model, dense, heads, neurons, [], graphs=eager)
+    graphs = CapturedSteps(model)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        got = generation.masked_after_dense_batch(model, dense, heads, neurons, [])
-    decoders = model.__dict__.get("_sparseact_decoders", {})
+        got = generation.masked_after_dense_batch(model, dense, heads, neurons, [], graphs=graphs)
+    decoders = graphs.decoders
     assert any(key[0] == "shared" for key in decoders), [str(w.message) for w in caught]  # the captured path ran
     if max_rows is not None:
         assert all(key[1] == 2 for key in decoders if key[0] == "shared")  # 3 groups of 2 samples x 5 rows

@@ -9,8 +9,9 @@ cache update advances inside the graph.
 
 Used only on CUDA, for models whose cache has no sliding-window layers (their update
 keeps Python-side state a graph cannot replay); anything that fails to capture falls
-back to the ordinary loop with one warning. A captured step is kept per (rows,
-masked) and re-captured only when a longer cache is needed.
+back to the ordinary loop with one warning. Captured steps are kept in a ``CapturedSteps``
+that the caller passes explicitly (one per run); a step is kept per (rows, masked) and
+re-captured only when a longer cache is needed.
 
 Rows with different prefixes (a batch of dense runs) decode through a *padded* step
 (``decode_captured_padded``): each row's prefix is left-padded into the static cache,
@@ -162,21 +163,62 @@ def cached_kv(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
             if getattr(layer, "keys", None) is not None and layer.keys.numel()]
 
 
-def recent_decoder(model, key: tuple, kept: int, make, fits=None):
-    """The model's decoder under ``key``, made by ``make()`` if missing. Of each kind (``key[0]``)
-    only the ``kept`` most recently used stay: their static caches are large. ``fits(other_key)``:
-    whether a kept decoder of another key serves too (e.g. a longer cache); the most recently
-    used such one is taken, so a new batch's shape need not capture a step again."""
-    decoders = model.__dict__.setdefault("_sparseact_decoders", {})
-    if key not in decoders and fits is not None:
-        key = next((k for k in reversed(decoders) if k[0] == key[0] and fits(k)), key)
-    decoder = decoders.pop(key, None)  # put back last: dicts keep insertion order, oldest first
-    if decoder is None:
-        for old in [k for k in decoders if k[0] == key[0]][: -kept + 1 or None]:
-            del decoders[old]
-        decoder = make()
-    decoders[key] = decoder
-    return decoder
+class CapturedSteps:
+    """The captured decoding steps of one model, kept from one call to the next: passed
+    explicitly, like the run's ``UnitHooks`` (one per run, for calibration and every batch).
+
+    A decoder is made and captured at its first use; of each kind (``key[0]``) only the few most
+    recently used stay, as their static caches are large. After a capture fails the model decodes
+    without graphs from then on, with one warning. Off the GPU nothing is captured.
+    """
+
+    def __init__(self, model):
+        self.model = model
+        self.decoders: dict[tuple, object] = {}  # by key, least recently used first
+        self.failed = False
+
+    @property
+    def enabled(self) -> bool:
+        """Whether decoding steps are captured: on CUDA, until a capture has failed."""
+        return next(self.model.parameters()).device.type == "cuda" and not self.failed
+
+    @property
+    def padded_enabled(self) -> bool:
+        """Whether rows of different prefixes decode through captured padded steps.
+
+        The padded step hands the model a ready 4-D boolean mask, which the SDPA attention
+        takes as it is; other attention implementations keep the ordinary loop.
+        """
+        return self.enabled and getattr(self.model.config, "_attn_implementation", None) == "sdpa"
+
+    def recent(self, key: tuple, kept: int, make, fits=None):
+        """The decoder under ``key``, made by ``make()`` if missing; ``kept``: how many of its kind
+        stay. ``fits(other_key)``: whether a kept decoder of another key serves too (e.g. a longer
+        cache); the most recently used such one is taken, so a new batch's shape need not capture
+        a step again."""
+        decoders = self.decoders
+        if key not in decoders and fits is not None:
+            key = next((k for k in reversed(decoders) if k[0] == key[0] and fits(k)), key)
+        decoder = decoders.pop(key, None)  # put back last: dicts keep insertion order, oldest first
+        if decoder is None:
+            for old in [k for k in decoders if k[0] == key[0]][: -kept + 1 or None]:
+                del decoders[old]
+            decoder = make()
+        decoders[key] = decoder
+        return decoder
+
+    def give_up(self, error: Exception) -> None:
+        """After a failed capture: warn once, and decode without graphs from now on."""
+        warnings.warn(f"decoding without CUDA graphs for this model ({type(error).__name__}: {error})", stacklevel=3)
+        self.failed = True
+        self.decoders.clear()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
+
+def steps_for(model, graphs: CapturedSteps | None) -> CapturedSteps:
+    """``graphs``, or for a call given none, steps captured for that call only."""
+    return graphs if graphs is not None else CapturedSteps(model)
 
 
 def padded_capacity(positions: int) -> int:
@@ -184,57 +226,34 @@ def padded_capacity(positions: int) -> int:
     return -(-positions // 64) * 64
 
 
-def graphs_enabled(model) -> bool:
-    """Whether decoding steps of ``model`` are captured: on CUDA, until a capture has failed."""
-    return next(model.parameters()).device.type == "cuda" and not getattr(model, "_sparseact_no_graphs", False)
-
-
-def decode_captured(model, prefix, first_input, rows: int, steps: int, eos, heads=None, neurons=None,
+def decode_captured(graphs: CapturedSteps, prefix, first_input, rows: int, steps: int, eos, heads=None, neurons=None,
                     hooks: UnitHooks | None = None):
-    """``CapturedDecoder.decode`` with the model's decoder, or None where graphs are not used."""
-    if not graphs_enabled(model):
+    """``CapturedDecoder.decode`` with a decoder of ``graphs``, or None where graphs are not used."""
+    if not graphs.enabled:
         return None
     masked = heads is not None
     kv = cached_kv(prefix)  # batch 1
     positions = prefix.get_seq_length() + steps
-    decoders = model.__dict__.setdefault("_sparseact_decoders", {})
-    decoder = decoders.get((rows, masked))
     try:
+        decoder = graphs.decoders.get((rows, masked))
         if decoder is None or decoder.capacity < positions:
-            decoders.pop((rows, masked), None)
+            graphs.decoders.pop((rows, masked), None)
             capacity = 64
             while capacity < positions:
                 capacity *= 2
-            decoder = decoders[(rows, masked)] = CapturedDecoder(model, rows, capacity, masked, hooks)
+            decoder = graphs.decoders[(rows, masked)] = CapturedDecoder(graphs.model, rows, capacity, masked, hooks)
         return decoder.decode(kv, first_input, steps, eos, heads, neurons, hooks)
     except Exception as error:  # noqa: BLE001 - whatever fails to capture is decoded without graphs
-        return _without_graphs(model, error)
-
-
-def _without_graphs(model, error: Exception) -> None:
-    """After a failed capture: warn once, and decode this model without graphs from now on."""
-    warnings.warn(f"decoding without CUDA graphs for this model ({type(error).__name__}: {error})", stacklevel=3)
-    model._sparseact_no_graphs = True
-    model.__dict__.pop("_sparseact_decoders", None)
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return None
+        graphs.give_up(error)
+        return None
 
 
 PADDED_DECODERS_KEPT = 2  # padded decoders hold large caches: keep the most recent few
 
 
-def padded_graphs_enabled(model) -> bool:
-    """Whether rows of different prefixes decode through captured padded steps.
-
-    The padded step hands the model a ready 4-D boolean mask, which the SDPA attention
-    takes as it is; other attention implementations keep the ordinary loop.
-    """
-    return graphs_enabled(model) and getattr(model.config, "_attn_implementation", None) == "sdpa"
-
-
-def decode_captured_padded(model, kv, prefix_mask: torch.Tensor, positions: torch.Tensor, first_input: torch.Tensor,
-                           steps: int, eos, heads=None, neurons=None, hooks: UnitHooks | None = None):
+def decode_captured_padded(graphs: CapturedSteps, kv, prefix_mask: torch.Tensor, positions: torch.Tensor,
+                           first_input: torch.Tensor, steps: int, eos, heads=None, neurons=None,
+                           hooks: UnitHooks | None = None):
     """Greedy steps for rows with their own left-padded prefixes, or None where not captured.
 
     ``kv``: per layer ``(keys, values)`` ``[rows, heads, width, dim]`` (empty list for width 0);
@@ -242,7 +261,7 @@ def decode_captured_padded(model, kv, prefix_mask: torch.Tensor, positions: torc
     first input ``[rows, 1]``. Returns ``(tokens [rows, <= steps], static cache)``: cache column
     ``width + s`` holds the input of step s, as columns of a plain cache would.
     """
-    if not padded_graphs_enabled(model):
+    if not graphs.padded_enabled:
         return None
     rows, width = first_input.shape[0], prefix_mask.shape[1]
     masked = heads is not None
@@ -250,9 +269,10 @@ def decode_captured_padded(model, kv, prefix_mask: torch.Tensor, positions: torc
     try:
         # a kept decoder with a longer cache (up to twice as long) serves too: its extra columns stay
         # invisible, and attending over them costs less than a new capture
-        decoder = recent_decoder(model, ("padded", rows, masked, capacity), PADDED_DECODERS_KEPT,
-                                 lambda: CapturedDecoder(model, rows, capacity, masked, hooks, padded=True),
-                                 fits=lambda key: key[1:3] == (rows, masked) and capacity <= key[3] <= 2 * capacity)
+        decoder = graphs.recent(("padded", rows, masked, capacity), PADDED_DECODERS_KEPT,
+                                lambda: CapturedDecoder(graphs.model, rows, capacity, masked, hooks, padded=True),
+                                fits=lambda key: key[1:3] == (rows, masked) and capacity <= key[3] <= 2 * capacity)
         return decoder.decode(kv, first_input, steps, eos, heads, neurons, hooks, prefix_mask, positions), decoder.cache
     except Exception as error:  # noqa: BLE001 - whatever fails to capture is decoded without graphs
-        return _without_graphs(model, error)
+        graphs.give_up(error)
+        return None

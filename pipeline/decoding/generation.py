@@ -33,13 +33,12 @@ from transformers import DynamicCache
 
 from pipeline.decoding.cuda_graph import (
     CHECK_EVERY,
-    _without_graphs,
+    CapturedSteps,
     cached_kv,
     decode_captured,
     decode_captured_padded,
-    graphs_enabled,
     padded_capacity,
-    padded_graphs_enabled,
+    steps_for,
 )
 from pipeline.decoding import shared_prefix
 from pipeline.decoding.shared_prefix import decoder_for, kv_geometry
@@ -133,13 +132,14 @@ def _lengths(tokens: torch.Tensor, eos: torch.Tensor, limits: torch.Tensor) -> l
 
 def _decode(model, prefix: DynamicCache, first_input: torch.Tensor, rows: int, steps: int, eos: torch.Tensor,
             heads: torch.Tensor | None = None, neurons: torch.Tensor | None = None,
-            hooks: UnitHooks | None = None) -> list[list[int]]:
+            hooks: UnitHooks | None = None, graphs: CapturedSteps | None = None) -> list[list[int]]:
     """Greedy steps after a batch-1 ``prefix`` for ``rows`` rows, masks ``[rows, steps, layers, units]``
-    applied by ``hooks`` (installed)."""
+    applied by ``hooks`` (installed); captured steps of ``graphs`` where it allows them."""
     if steps == 0:
         return [[] for _ in range(rows)]
     first_input = first_input.expand(rows, 1)
-    tokens = decode_captured(model, prefix, first_input, rows, steps, eos, heads, neurons, hooks=hooks)
+    tokens = decode_captured(steps_for(model, graphs), prefix, first_input, rows, steps, eos, heads, neurons,
+                             hooks=hooks)
     if tokens is None:
         if rows > 1:
             prefix.batch_repeat_interleave(rows)
@@ -201,17 +201,20 @@ def _decode_eager(model, cache, step_input, eos, limits: list[int], heads=None, 
 
 
 @torch.no_grad()
-def dense_generate(model, prompt_ids: torch.Tensor, max_new_tokens: int, eos_token_ids) -> DenseRun:
+def dense_generate(model, prompt_ids: torch.Tensor, max_new_tokens: int, eos_token_ids,
+                   graphs: CapturedSteps | None = None) -> DenseRun:
     """The dense model's greedy output (batch 1), stopping after an end-of-sequence token."""
-    return dense_generate_batch(model, [prompt_ids], [max_new_tokens], eos_token_ids)[0]
+    return dense_generate_batch(model, [prompt_ids], [max_new_tokens], eos_token_ids, graphs)[0]
 
 
 @torch.no_grad()
-def dense_generate_batch(model, prompts: list[torch.Tensor], max_new_tokens: list[int], eos_token_ids) -> list[DenseRun]:
+def dense_generate_batch(model, prompts: list[torch.Tensor], max_new_tokens: list[int], eos_token_ids,
+                         graphs: CapturedSteps | None = None) -> list[DenseRun]:
     """Dense greedy runs of several prompts in one left-padded batch.
 
     A batch-1 decoding step reads every weight for one token; a batch of prompts reads
     them once for all. Each run keeps its own rows of the cache, without the padding.
+    ``graphs``: the run's captured steps (None: captured for this call only, where allowed).
     """
     device = next(model.parameters()).device
     eos = _eos(eos_token_ids, device)
@@ -228,8 +231,9 @@ def dense_generate_batch(model, prompts: list[torch.Tensor], max_new_tokens: lis
         extra = {"attention_mask": mask[:, :-1], "position_ids": position_ids(mask[:, :-1])} if padded else {}
         model(input_ids=ids[:, :-1], **with_cache(model, cache), **extra)
     captured = None
-    if DENSE_GRAPHS and padded_graphs_enabled(model):
-        captured = decode_captured_padded(model, cached_kv(cache), mask[:, :-1], mask.sum(1) - 1, ids[:, -1:],
+    graphs = steps_for(model, graphs)
+    if DENSE_GRAPHS and graphs.padded_enabled:
+        captured = decode_captured_padded(graphs, cached_kv(cache), mask[:, :-1], mask.sum(1) - 1, ids[:, -1:],
                                           max(max_new_tokens), eos)
     if captured is not None:
         tokens, cache = captured
@@ -285,13 +289,15 @@ def _masked_works(dense: list[DenseRun], head_keep, neuron_keep) -> list[_Masked
 def masked_after_dense_batch(model, dense: list[DenseRun], head_keep: list[torch.Tensor],
                              neuron_keep: list[torch.Tensor], eos_token_ids,
                              hooks: UnitHooks | None = None,
-                             on_queued: Callable[[], None] | None = None) -> list[list[list[int]]]:
+                             on_queued: Callable[[], None] | None = None,
+                             graphs: CapturedSteps | None = None) -> list[list[list[int]]]:
     """Masked greedy outputs of every row of several samples, each at most its dense run's length.
 
     Per sample, ``head_keep`` ``[rows, steps, layers, heads]`` and ``neuron_keep``
     ``[rows, steps, layers, neurons]`` with ``steps >= len(dense.tokens)``. Steps before the
     first switched-off unit of any row, and rows that never switch a unit off, are the
-    dense run's. ``hooks``: the run's ``UnitHooks``; None: installed for this call only.
+    dense run's. ``hooks``: the run's ``UnitHooks``; None: installed for this call only. ``graphs``:
+    the run's ``CapturedSteps``; None: steps captured for this call only.
     ``on_queued``: called once: after the first group's steps are queued (all but its last few,
     fewer than ``CHECK_EVERY``, may have run by then), from where the host mostly waits for the
     device; before the eager and per-sample paths, which wait step by step; and, with nothing to
@@ -312,13 +318,14 @@ def masked_after_dense_batch(model, dense: list[DenseRun], head_keep: list[torch
 
     try:
         with using_hooks(model, hooks) as hooks:
-            return _masked_rows(model, dense, head_keep, neuron_keep, eos_token_ids, hooks, once)
+            return _masked_rows(model, dense, head_keep, neuron_keep, eos_token_ids, hooks, once,
+                                steps_for(model, graphs))
     finally:
         once()
 
 
 def _masked_rows(model, dense, head_keep, neuron_keep, eos_token_ids, hooks: UnitHooks,
-                 on_queued: Callable[[], None]) -> list[list[list[int]]]:
+                 on_queued: Callable[[], None], graphs: CapturedSteps) -> list[list[list[int]]]:
     device = dense[0].prompt_ids.device
     eos = _eos(eos_token_ids, device)
     work = _masked_works(dense, head_keep, neuron_keep)
@@ -326,19 +333,19 @@ def _masked_rows(model, dense, head_keep, neuron_keep, eos_token_ids, hooks: Uni
     todo = [i for i, w in enumerate(work) if w.active]
     if not todo:
         return outputs
-    if MASKED_GROUPS and padded_graphs_enabled(model) and shared_prefix.supports(model):
+    if MASKED_GROUPS and graphs.padded_enabled and shared_prefix.supports(model):
         try:
-            _masked_groups_shared(model, work, todo, eos, outputs, hooks, on_queued)
+            _masked_groups_shared(graphs, work, todo, eos, outputs, hooks, on_queued)
             return outputs
         except Exception as error:  # noqa: BLE001 - whatever fails to capture is decoded without graphs
-            _without_graphs(model, error)
+            graphs.give_up(error)
     on_queued()  # the paths below wait for the device step by step, or run on the CPU
-    if graphs_enabled(model) or len(todo) == 1:
+    if graphs.enabled or len(todo) == 1:
         for i in todo:
             w = work[i]
             prefix, first_input = w.dense.prefix(model, w.shared)
             decoded = _decode(model, prefix, first_input, len(w.active), len(w.dense.tokens) - w.shared, eos,
-                              w.heads, w.neurons, hooks=hooks)
+                              w.heads, w.neurons, hooks=hooks, graphs=graphs)
             for row, tokens in zip(w.active, decoded):
                 outputs[i][row] = w.dense.tokens[:w.shared] + tokens
         return outputs
@@ -403,8 +410,8 @@ def _group_samples(model, layout, rows: int, width: int, steps: int) -> int:
     return max(1, min(GROUP_MAX_ROWS // rows, budget // (cache + masks)))
 
 
-def _masked_groups_shared(model, work: list[_MaskedWork], todo: list[int], eos, outputs, hooks: UnitHooks,
-                          on_queued: Callable[[], None]) -> None:
+def _masked_groups_shared(graphs: CapturedSteps, work: list[_MaskedWork], todo: list[int], eos, outputs,
+                          hooks: UnitHooks, on_queued: Callable[[], None]) -> None:
     """Decode the masked rows of the samples ``todo``, many samples per step, each sample's
     prefix read once per step (``shared_prefix.py``); ``on_queued`` is called once the first
     group's steps are queued.
@@ -413,6 +420,7 @@ def _masked_groups_shared(model, work: list[_MaskedWork], todo: list[int], eos, 
     captured step serves them: a sample with fewer active rows, and a group with fewer
     samples, leave rows that decode with nothing switched off and are dropped.
     """
+    model = graphs.model
     prefixes = {i: work[i].dense.shared_prefix(model, work[i].shared) for i in todo}
     lengths = {i: prefixes[i][0].length for i in todo}
     left = {i: len(work[i].dense.tokens) - work[i].shared for i in todo}  # steps to decode
@@ -422,7 +430,7 @@ def _masked_groups_shared(model, work: list[_MaskedWork], todo: list[int], eos, 
     # samples of similar prefix length and steps share a group: fewer wasted steps
     order = sorted(todo, key=lambda i: (left[i], lengths[i]))
     count = -(-len(order) // _group_samples(model, hooks.layout, rows, width, steps))
-    decoder = decoder_for(model, -(-len(order) // count), rows, width, steps, hooks.layout, todo=len(order))
+    decoder = decoder_for(graphs, -(-len(order) // count), rows, width, steps, hooks.layout, todo=len(order))
     samples = decoder.cache.samples  # a kept decoder's group size may differ
     device = work[todo[0]].dense.prompt_ids.device
 
@@ -465,6 +473,7 @@ def greedy_generate(
     head_keep: torch.Tensor | None = None,
     neuron_keep: torch.Tensor | None = None,
     hooks: UnitHooks | None = None,
+    graphs: CapturedSteps | None = None,
 ) -> list[list[int]]:
     """Generate greedily from one prompt, once per mask row.
 
@@ -475,29 +484,32 @@ def greedy_generate(
         head_keep: ``[rows, steps, layers, heads]`` 0/1 keep masks (or None: dense, one row).
         neuron_keep: ``[rows, steps, layers, neurons]``.
         hooks: the ``UnitHooks`` that apply the masks; None: installed for this call only.
+        graphs: the ``CapturedSteps`` to decode with and keep; None: captured for this call only.
 
     Returns: one list of generated token ids per row.
     """
     if head_keep is None:
-        return [dense_generate(model, prompt_ids, max_new_tokens, eos_token_ids).tokens]
+        return [dense_generate(model, prompt_ids, max_new_tokens, eos_token_ids, graphs).tokens]
     device = next(model.parameters()).device
     prompt_ids = prompt_ids.to(device)
     heads, neurons = (_pad_steps(keep.to(device=device, dtype=torch.bool), max_new_tokens)  # steps without a mask are dense
                       for keep in (head_keep, neuron_keep))
     with using_hooks(model, hooks) as hooks:
         return _decode(model, _encode(model, prompt_ids[:-1]), prompt_ids[-1:].view(1, 1), head_keep.shape[0],
-                       max_new_tokens, _eos(eos_token_ids, device), heads, neurons, hooks=hooks)
+                       max_new_tokens, _eos(eos_token_ids, device), heads, neurons, hooks=hooks, graphs=graphs)
 
 
-def masked_generate(model, prompt_ids, head_keep, neuron_keep, eos_token_ids, max_new_tokens=None, hooks=None):
+def masked_generate(model, prompt_ids, head_keep, neuron_keep, eos_token_ids, max_new_tokens=None, hooks=None,
+                    graphs=None):
     """Masked greedy generation from given keep masks (library entry point).
 
     ``head_keep`` ``[steps, layers, heads]`` or ``[rows, steps, layers, heads]``, likewise
     ``neuron_keep``; generates at most ``steps`` tokens (or ``max_new_tokens``).
     ``hooks``: a ``UnitHooks`` of ``model`` to reuse; None: installed for this call only.
+    ``graphs``: a ``CapturedSteps`` of ``model`` to reuse; None: captured for this call only.
     Returns a list of token-id lists, one per row.
     """
     if head_keep.dim() == 3:
         head_keep, neuron_keep = head_keep.unsqueeze(0), neuron_keep.unsqueeze(0)
     steps = head_keep.shape[1] if max_new_tokens is None else max_new_tokens
-    return greedy_generate(model, prompt_ids, steps, list(eos_token_ids), head_keep, neuron_keep, hooks)
+    return greedy_generate(model, prompt_ids, steps, list(eos_token_ids), head_keep, neuron_keep, hooks, graphs)

@@ -35,7 +35,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from pipeline.decoding.cuda_graph import capture, recent_decoder, replay_steps
+from pipeline.decoding.cuda_graph import CapturedSteps, capture, replay_steps
 from pipeline.device import on_device
 from pipeline.hooks import StepMasks, UnitHooks
 from pipeline.models.inputs import attention_implementation, forward_arguments
@@ -243,9 +243,9 @@ class SharedPrefixDecoder:
 DECODERS_KEPT = 2  # a group's cache is large: keep the most recently used few
 
 
-def decoder_for(model, samples: int, rows: int, width: int, steps: int, layout, todo: int | None = None
-                ) -> SharedPrefixDecoder:
-    """The model's decoder of this group shape (made, and captured at its first use, once), or a kept
+def decoder_for(graphs: CapturedSteps, samples: int, rows: int, width: int, steps: int, layout,
+                todo: int | None = None) -> SharedPrefixDecoder:
+    """The decoder of ``graphs`` of this group shape (made, and captured at its first use, once), or a kept
     one of as many rows with room for as wide a prefix and as many steps, up to twice as many (the
     extra columns stay invisible, and a capture costs more than they do).
 
@@ -264,5 +264,5 @@ def decoder_for(model, samples: int, rows: int, width: int, steps: int, layout, 
                 and kept <= 2 * samples and groups(kept) <= groups(samples)
                 and 4 * groups(kept) * kept <= 5 * groups(samples) * samples)
 
-    return recent_decoder(model, ("shared", samples, rows, width, steps), DECODERS_KEPT,
-                          lambda: SharedPrefixDecoder(model, samples, rows, width, steps, layout), fits=fits)
+    return graphs.recent(("shared", samples, rows, width, steps), DECODERS_KEPT,
+                         lambda: SharedPrefixDecoder(graphs.model, samples, rows, width, steps, layout), fits=fits)

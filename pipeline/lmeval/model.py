@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from pipeline.errors import UserError
 from pipeline.lmeval import MODEL_NAME
+from pipeline.decoding.cuda_graph import CapturedSteps
 from pipeline.decoding.generation import DenseRun, masked_after_dense_batch
 from pipeline.hooks import HEADS, UnitHooks
 from pipeline.masks.allocation import allocate
@@ -131,6 +132,7 @@ class SparseActLM(HFLM):
         self._stop_ids = stop_token_ids(self.tokenizer, self.model)
         # this model's hooks, installed for its lifetime: idle (no probe, no masks) they change no number
         self.unit_hooks = None if self.dense else UnitHooks(layout_for(self.model)).install()
+        self.graphs = CapturedSteps(self.model)  # its captured decoding steps, reused by every generate request
         if accelerator is not None and accelerator.num_processes > 1:
             self.accelerator = accelerator
             self._rank, self._world_size = accelerator.process_index, accelerator.num_processes
@@ -235,7 +237,7 @@ class SparseActLM(HFLM):
             masks = self._step_masks([p.cpu() for p in prompts], labels)
         runs = [DenseRun(p, y.tolist(), None) for p, y in zip(prompts, labels)]
         outputs = masked_after_dense_batch(self.model, runs, [h[None] for h, _ in masks], [n[None] for _, n in masks],
-                                           self._stop_ids, self.unit_hooks)
+                                           self._stop_ids, self.unit_hooks, graphs=self.graphs)
         rows = [context[b].tolist() + out[0] for b, out in enumerate(outputs)]
         longest = max(len(r) for r in rows)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eot_token_id

@@ -296,15 +296,16 @@ def search(rows: CalibrationRows, layout: UnitLayout, heads: torch.Tensor, neuro
 
 
 def calibrate_levels(model, tokenizer, template: str, samples, metrics: list[str], layout: UnitLayout,
-                     max_new_tokens: int, stop_ids: list[int], step: float) -> dict:
-    """The levels document (``levels_file.LEVELS_FILE``) of every score in ``metrics``, from the calibration ``samples``."""
+                     max_new_tokens: int, stop_ids: list[int], step: float, graphs=None) -> dict:
+    """The levels document (``levels_file.LEVELS_FILE``) of every score in ``metrics``, from the calibration ``samples``;
+    ``graphs``: the run's ``CapturedSteps`` for the dense runs (None: captured for this call)."""
     from pipeline.decoding.generation import dense_generate_batch
     from pipeline.models.prompts import answer_length, prompt_ids
     from pipeline.scores.attribution import attribute_batch
 
     prompts = [torch.tensor(prompt_ids(tokenizer, template, s.question)) for s in samples]
     dense = dense_generate_batch(model, prompts, [answer_length(tokenizer, s.reference, max_new_tokens)
-                                                  for s in samples], stop_ids)
+                                                  for s in samples], stop_ids, graphs)
     labels = [torch.tensor(d.tokens) for d in dense]
     rows = CalibrationRows(model, layout, prompts, labels)
     scores = attribute_batch(model, prompts, labels, metrics=metrics)

@@ -77,9 +77,10 @@ class RunLevels:
             check_levels(self.given, layout, self.metrics, protocol.allocation_levels)
 
     def tensors(self, model, tokenizer, template: str, samples, stop_ids: list[int],
-                run_dir: Path, write: bool = True) -> dict | None:
+                run_dir: Path, write: bool = True, graphs=None) -> dict | None:
         """``{metric: [levels, layers]}``, or None when no score is calibrated; writes ``LEVELS_FILE``
-        when ``write`` (rank 0 only: every rank uses rank 0's levels, so the file must be those)."""
+        when ``write`` (rank 0 only: every rank uses rank 0's levels, so the file must be those).
+        ``graphs``: the run's ``CapturedSteps``, for calibration's dense runs."""
         if not self.metrics:
             return None
         from pipeline.results.store import atomic_write_text
@@ -93,7 +94,7 @@ class RunLevels:
             started = time.time()
             document = calibration.calibrate_levels(model, tokenizer, template, samples, self.metrics, self.layout,
                                                     self.protocol.max_new_tokens, stop_ids,
-                                                    self.protocol.calibration_step)
+                                                    self.protocol.calibration_step, graphs)
             print(f"calibrated per-layer levels of {', '.join(self.metrics)} on {len(samples)} rows "
                   f"in {time.time() - started:.1f} s")
         if write and not path.exists():

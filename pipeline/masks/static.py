@@ -40,13 +40,14 @@ def threshold_masks(importance: torch.Tensor, thresholds: torch.Tensor) -> torch
 
 @torch.no_grad()
 def calibrate(model, tokenizer, template: str, samples, levels: list[float], max_new_tokens: int,
-              stop_ids: list[int]) -> dict[str, torch.Tensor]:
-    """Thresholds ``{"heads": [levels, layers], "neurons": [levels, layers]}`` from ``samples``."""
+              stop_ids: list[int], graphs=None) -> dict[str, torch.Tensor]:
+    """Thresholds ``{"heads": [levels, layers], "neurons": [levels, layers]}`` from ``samples``;
+    ``graphs``: the run's ``CapturedSteps`` for the dense runs (None: captured per call)."""
     heads, neurons = [], []
     for sample in samples:
         prompt = torch.tensor(prompt_ids(tokenizer, template, sample.question))
         steps = answer_length(tokenizer, sample.reference, max_new_tokens)
-        labels = torch.tensor(greedy_generate(model, prompt, steps, stop_ids)[0])
+        labels = torch.tensor(greedy_generate(model, prompt, steps, stop_ids, graphs=graphs)[0])
         magnitude = attribute(model, prompt, labels, metrics=["magnitude"])["magnitude"]
         heads.append(magnitude.heads.cpu())
         neurons.append(magnitude.neurons.cpu())

@@ -11,6 +11,7 @@ import torch.distributed as dist
 
 from pipeline.config import ProtocolConfig
 from pipeline.data.datamodule import Block
+from pipeline.decoding.cuda_graph import CapturedSteps
 from pipeline.errors import UserError
 from pipeline.hooks import UnitHooks
 from pipeline.models.adapters import layout_for
@@ -61,7 +62,7 @@ def _attention_kernels():
 class SparseActivationModule(L.LightningModule):
     def __init__(self, model, tokenizer, template: str, protocol: ProtocolConfig, task: str, stop_ids: list[int],
                  thresholds: dict | None = None, layer_levels: dict | None = None, fingerprint: str | None = None,
-                 host_tokenizer=None, device_busy=None):
+                 host_tokenizer=None, device_busy=None, graphs: CapturedSteps | None = None):
         super().__init__()
         self.model = model
         self.tokenizer = tokenizer
@@ -83,6 +84,8 @@ class SparseActivationModule(L.LightningModule):
         self.layout = layout_for(model)
         # the run's hooks: installed for the predict loop by MaskingCallback, passed to every step
         self.unit_hooks = UnitHooks(self.layout)
+        # the run's captured decoding steps (calibration's, if any, then every batch's), passed to every step
+        self.graphs = graphs if graphs is not None else CapturedSteps(model)
         # near the end of a resumed run a rank may have no block left
         self.allow_zero_length_dataloader_with_multiple_devices = True
 
@@ -101,7 +104,7 @@ class SparseActivationModule(L.LightningModule):
         with _attention_kernels():
             decoded = decode_batch(self.model, self.tokenizer, self.layout, batch.samples, self.template,
                                    self.protocol, self.stop_ids, self.thresholds, self.layer_levels,
-                                   self.unit_hooks, launched=self.device_busy)
+                                   self.unit_hooks, launched=self.device_busy, graphs=self.graphs)
         return partial(decoded.finish, self.host_tokenizer, self.protocol, self.task, batch.done)
 
     def cpu(self):

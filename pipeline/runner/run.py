@@ -21,6 +21,7 @@ from lightning.pytorch.plugins.environments import SLURMEnvironment
 
 from pipeline.config import DataConfig, ModelConfig, ProtocolConfig, RunConfig, validate
 from pipeline.data.datamodule import SampleDataModule
+from pipeline.decoding.cuda_graph import CapturedSteps
 from pipeline.data.sources import Sample, content_digest, dataset_name, load_samples, run_name
 from pipeline.errors import UserError
 from pipeline.models.adapters import layout_for
@@ -242,14 +243,15 @@ def _evaluate_locked(job: Job, model: ModelConfig, data: DataConfig, protocol: P
                 # calibration runs before Lightning places the model: on this rank's GPU, not the CPU
                 loaded.model.to(torch.device("cuda", trainer.local_rank))
             host_tokenizer = host_tokenizer.result()
+        graphs = CapturedSteps(loaded.model)  # the run's captured decoding steps: calibration's serve the batches too
         thresholds = None
         if any(SCORES[m].thresholds for m in protocol.metrics):
             thresholds = calibrate(loaded.model, loaded.tokenizer, template, calibration, protocol.levels,
-                                   protocol.max_new_tokens, stop_ids)
+                                   protocol.max_new_tokens, stop_ids, graphs)
         layer_levels = levels.tensors(loaded.model, loaded.tokenizer, template, calibration, stop_ids, run_dir,
-                                      write=trainer.global_rank == 0)
+                                      write=trainer.global_rank == 0, graphs=graphs)
         module = SparseActivationModule(loaded.model, loaded.tokenizer, template, protocol, task, stop_ids, thresholds,
-                                        layer_levels, info["fingerprint"], host_tokenizer, writer.device_busy)
+                                        layer_levels, info["fingerprint"], host_tokenizer, writer.device_busy, graphs)
         waited = wait_for_ranks(trainer)
         started = time.time()
         try:
