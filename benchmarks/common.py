@@ -56,6 +56,7 @@ def prompts_and_labels(model, tokenizer, template, args):
     """TruthfulQA prompts and the dense greedy labels (T = Best Answer length, capped)."""
     import csv
 
+    from pipeline.decoding.cuda_graph import CapturedSteps
     from pipeline.decoding.generation import greedy_generate
     from pipeline.models.prompts import answer_length, prompt_ids, stop_token_ids
 
@@ -64,11 +65,12 @@ def prompts_and_labels(model, tokenizer, template, args):
         rows = list(csv.DictReader(handle))[: args.questions]
     stop = stop_token_ids(tokenizer, model)
     prompts, labels = [], []
+    graphs = CapturedSteps(model)  # the labels' captured steps, kept from one question to the next
     for row in rows:
         prompt = torch.tensor(prompt_ids(tokenizer, template, row["Question"]))
         steps = answer_length(tokenizer, row["Best Answer"], args.max_new_tokens)
         # Random models never say end-of-sequence; real ones stop where they stop.
-        labels.append(torch.tensor(greedy_generate(model, prompt, steps, stop)[0]))
+        labels.append(torch.tensor(greedy_generate(model, prompt, steps, stop, graphs=graphs)[0]))
         prompts.append(prompt)
     return prompts, labels
 

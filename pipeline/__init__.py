@@ -12,6 +12,9 @@ Library entry points:
   greedy decoding with per-step masks.
 * ``UnitHooks(layout_for(model))``: the hooks that probe and mask units; pass one to
   ``attribute``/``masked_generate`` to reuse it, or let each call install its own.
+* ``CapturedSteps(model)``: on a GPU, the decoding steps captured as CUDA graphs; pass one to
+  ``masked_generate`` (``graphs=``) to keep them from one call to the next, or let each call
+  capture its own.
 * ``evaluate(...)``: a whole run, as ``sparseact run`` does it.
 * ``load_scores(run_dir, sample_id)``: raw per-token scores saved by a run.
 
@@ -33,6 +36,7 @@ _WHERE = {
     "achieved_sparsity": "pipeline.masks.masks",
     "allocate": "pipeline.masks.allocation",
     "UnitHooks": "pipeline.hooks",
+    "CapturedSteps": "pipeline.decoding.cuda_graph",
     "masked_generate": "pipeline.decoding.generation",
     "evaluate": "pipeline.runner.run",
     "load_scores": "pipeline.results.raw_scores",

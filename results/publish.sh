@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The commands that produced results/. Run from the repository root after the README's
 # set-up, with ../shared/data present. About 3 hours on a 2-core CPU; a killed run
-# resumes where it stopped (records gzipped below are read back as finished samples).
+# resumes where it stopped (records gzipped below are read back as finished samples). The
+# published folders predate numbers_version (README.md there): redo them into fresh folders.
 set -euo pipefail
 sparseact sweep --config configs/paper/slm_sweep.yaml
 # IG (20 steps) ran on one H200 with the same code, one run per dataset (batch size 8):

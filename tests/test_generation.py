@@ -282,9 +282,8 @@ def test_a_kept_shared_step_more_than_twice_as_large_does_not_serve(monkeypatch)
 
 
 def _call_instead_of_capture(monkeypatch, model):
-    """Steps called where they would be captured (so the GPU paths run on the CPU); returns the
-    ``CapturedSteps`` of ``model`` to pass to the calls, as a run passes its own to every batch."""
-    """Captured steps allowed on the CPU: each 'replay' calls the step (the GPU path, run eagerly)."""
+    """Captured steps allowed on the CPU, each 'replay' calling the step (the GPU path, run eagerly);
+    returns the ``CapturedSteps`` of ``model`` to pass to the calls, as a run passes its own to every batch."""
     import pipeline.decoding.cuda_graph as cuda_graph
     import pipeline.decoding.shared_prefix as shared_prefix
 
@@ -417,3 +416,15 @@ def test_out_of_memory_halves_with_the_failed_attempt_freed(monkeypatch):
     prompts = [torch.tensor([i]) for i in range(5)]
     result = protocol_module._attribute_fitting(None, prompts, prompts, ProtocolConfig(), None)
     assert result == [0, 1, 2, 3, 4] and len(alive) == 4
+
+
+def test_captured_steps_of_another_model_are_refused():
+    """A run's ``CapturedSteps`` hold decoders built on its model's weights: handed with another
+    model they would decode that model's rows with the first one's steps, so the call refuses."""
+    import pipeline.decoding.generation as generation
+    from pipeline.decoding.cuda_graph import CapturedSteps
+
+    model, other = tiny_model("llama"), tiny_model("llama")
+    with pytest.raises(ValueError, match="another model"):
+        generation.dense_generate_batch(other, [torch.tensor([4, 19, 33])], [3], [], CapturedSteps(model))
+    generation.dense_generate_batch(model, [torch.tensor([4, 19, 33])], [3], [], CapturedSteps(model))

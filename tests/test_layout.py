@@ -120,7 +120,7 @@ def test_the_package_still_hands_out_its_entry_points():
 
 
 def test_library_calls_leave_the_model_as_they_found_it():
-    """Hooks and the attention implementation belong to a call or a run, never to the model."""
+    """Hooks, the attention implementation and captured steps belong to a call or a run, never to the model."""
     import torch
     from conftest import tiny_model
 
@@ -128,11 +128,12 @@ def test_library_calls_leave_the_model_as_they_found_it():
 
     model = tiny_model("llama")
     implementation = model.config._attn_implementation
+    attributes = {name: set(vars(module)) for name, module in model.named_modules()}
 
-    def untouched():
+    def untouched():  # no hook left, and nothing hung on any module (state passed explicitly)
         return (not any(m._forward_pre_hooks for m in model.modules())
                 and model.config._attn_implementation == implementation
-                and not [k for k in vars(model) if k.startswith("_sparseact")])
+                and {name: set(vars(module)) for name, module in model.named_modules()} == attributes)
 
     prompt, labels = torch.tensor([3, 17, 42]), torch.tensor([12, 77])
     scores = attribute(model, prompt, labels, metrics=["gxo", "ig"], ig_steps=2)

@@ -168,8 +168,8 @@ class CapturedSteps:
     explicitly, like the run's ``UnitHooks`` (one per run, for calibration and every batch).
 
     A decoder is made and captured at its first use; of each kind (``key[0]``) only the few most
-    recently used stay, as their static caches are large. After a capture fails the model decodes
-    without graphs from then on, with one warning. Off the GPU nothing is captured.
+    recently used stay, as their static caches are large. After a capture fails, every call given
+    this object decodes without graphs, with one warning. Off the GPU nothing is captured.
     """
 
     def __init__(self, model):
@@ -208,8 +208,8 @@ class CapturedSteps:
         return decoder
 
     def give_up(self, error: Exception) -> None:
-        """After a failed capture: warn once, and decode without graphs from now on."""
-        warnings.warn(f"decoding without CUDA graphs for this model ({type(error).__name__}: {error})", stacklevel=3)
+        """After a failed capture: warn once, and decode without graphs through this object from now on."""
+        warnings.warn(f"decoding without CUDA graphs ({type(error).__name__}: {error})", stacklevel=3)
         self.failed = True
         self.decoders.clear()
         if torch.cuda.is_available():
@@ -218,7 +218,11 @@ class CapturedSteps:
 
 def steps_for(model, graphs: CapturedSteps | None) -> CapturedSteps:
     """``graphs``, or for a call given none, steps captured for that call only."""
-    return graphs if graphs is not None else CapturedSteps(model)
+    if graphs is None:
+        return CapturedSteps(model)
+    if graphs.model is not model:  # its decoders would run the other model's weights
+        raise ValueError("the CapturedSteps passed belong to another model")
+    return graphs
 
 
 def padded_capacity(positions: int) -> int:

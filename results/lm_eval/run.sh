@@ -12,7 +12,8 @@
 #   bash results/lm_eval/run.sh --slurm true                           # write the cells for slurm/array.sbatch
 #
 # A rerun skips finished cells (results.json) and a killed cell redoes no finished request
-# (each cell's run directory holds lm-eval's request cache). Extra arguments go to
+# (each cell's run directory holds lm-eval's request cache). The published cells predate
+# numbers_version (results/README.md): the sweep refuses them, so redo the grid under another ROOT. Extra arguments go to
 # `sparseact sweep` (e.g. --models '[{name: smollm2-135m, dtype: bfloat16}]'); device and
 # batch size are per task set in the sweep file (copy it and pass --config yours.yaml).
 set -euo pipefail
