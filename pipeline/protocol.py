@@ -13,9 +13,9 @@ import torch
 
 from pipeline.config import ProtocolConfig
 from pipeline.data.sources import Sample
-from pipeline.hooks import UnitHooks
 from pipeline.decoding.cuda_graph import CapturedSteps
 from pipeline.decoding.generation import dense_generate_batch, masked_after_dense_batch
+from pipeline.hooks import UnitHooks
 from pipeline.masks.allocation import allocate
 from pipeline.masks.static import threshold_masks
 from pipeline.measures import bleu_vs_dense, task_score, token_agreement
@@ -65,10 +65,10 @@ def decode_batch(model, tokenizer, layout: UnitLayout, samples: list[Sample], te
     ``layer_levels`` ``{metric: [levels, layers]}`` the calibrated allocation's per-layer levels.
     ``hooks``: the run's ``UnitHooks`` (installed), used by attribution and masked decoding;
     None: each of them installs its own for the call. ``graphs``: the run's ``CapturedSteps`` (the
-    decoding steps captured so far, reused); None: captured for this call only. ``launched``: called once the launch-bound
-    work (many small kernels: labels, scores, masks) is done and the first masked group's steps are
-    queued (``masked_after_dense_batch``'s ``on_queued``); from there the host mostly waits for the
-    device, and other host work (the previous batch's records) slows little.
+    decoding steps captured so far, reused); None: captured for this call only. ``launched``: called
+    once the launch-bound work (many small kernels: labels, scores, masks) is done and the first
+    masked group's steps are queued (``masked_after_dense_batch``'s ``on_queued``); from there the
+    host mostly waits for the device, and other host work (the previous batch's records) slows little.
 
     The dense runs decode together, attribution runs once for the whole batch, and the
     masked rows of all samples decode together. Every masked row continues from its

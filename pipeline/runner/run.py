@@ -21,8 +21,8 @@ from lightning.pytorch.plugins.environments import SLURMEnvironment
 
 from pipeline.config import DataConfig, ModelConfig, ProtocolConfig, RunConfig, validate
 from pipeline.data.datamodule import SampleDataModule
-from pipeline.decoding.cuda_graph import CapturedSteps
 from pipeline.data.sources import Sample, content_digest, dataset_name, load_samples, run_name
+from pipeline.decoding.cuda_graph import CapturedSteps
 from pipeline.errors import UserError
 from pipeline.models.adapters import layout_for
 from pipeline.masks.levels_file import RunLevels
