@@ -87,6 +87,7 @@ class Timer:
         self.shapes = []  # per sample: (prompt tokens, dense tokens)
         self.captures = [0, 0.0]  # CUDA graphs captured, and their seconds (inside the phases above)
         self.detail = {}  # --detail: seconds of named steps inside the phases
+        self.blocks = []  # --per-block: each predict step's device work, synchronised at its edges
         self._undo = []
 
     def _edge(self):
@@ -376,6 +377,10 @@ def one_run(args, label: str, off: set[str], model_name: str, rate, gpus: int, f
     install(timer)
     if args.detail:
         install_detail(timer)
+    if args.per_block:
+        import pipeline.runner.module as module_module
+
+        timer.wrap_timed(module_module, "decode_batch", timer.blocks.append)
     profiler = None
     if args.profile and RANK == 0:
         import cProfile
@@ -417,7 +422,7 @@ def one_run(args, label: str, off: set[str], model_name: str, rate, gpus: int, f
               "shapes": timer.shapes, "metrics": metrics, "levels": protocol.levels, "captures": timer.captures,
               "gc": [collections.counts, collections.seconds], "allocator": allocator,
               "gc_in_prediction": collections.in_window(timer.first_batch or start, end_of_prediction),
-              "first_question": first_question, "detail": dict(timer.detail)}
+              "first_question": first_question, "detail": dict(timer.detail), "blocks": timer.blocks}
     if profiler:
         write_profile(profiler, Path(args.profile), label)
     if tracer:
@@ -529,6 +534,8 @@ def report(result: dict, rate) -> list[str]:
     if result.get("detail"):
         lines.append("    inside them, each synchronised: "
                      + "  ".join(f"{name} {seconds:.2f} s" for name, seconds in result["detail"].items()))
+    if result.get("blocks"):
+        lines.append("    per block (each synchronised): " + " ".join(f"{seconds:.3f}" for seconds in result["blocks"]))
     extra = []
     if result.get("captures", [0])[0]:
         extra.append(f"{result['captures'][0]} CUDA graphs captured in {result['captures'][1]:.2f} s")
@@ -581,6 +588,8 @@ def main():
     parser.add_argument("--new-questions", action="store_true",
                         help="each run of the process takes the next questions (no shape seen before)")
     parser.add_argument("--detail", action="store_true", help="also time steps inside the phases (DETAIL)")
+    parser.add_argument("--per-block", action="store_true",
+                        help="also time each predict step's device work (synchronised at its edges)")
     parser.add_argument("--trace", default=None,
                         help="folder: torch.profiler's operator tables of the last run (phases as ranges), and "
                              "the device's idle time by phase")

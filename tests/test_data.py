@@ -92,3 +92,60 @@ def test_blocks_are_fixed_whatever_is_done():
     resumed = blocks(samples, 3, done={"s:0", "s:1", "s:2", "s:4"})
     assert [[s.id for s in b.samples] for b in resumed] == [["s:3", "s:4", "s:5"], ["s:6"]]
     assert resumed[0].done == {"s:4"} and resumed[1].done == frozenset()
+
+
+def test_a_free_rank_claims_the_next_block():
+    """Rank r computes block r first, then each rank, when it asks, gets the lowest block nobody
+    has claimed: checked against a plain queue, for ranks asking in a fixed interleaving through
+    one torch.distributed store (what the ranks of a run share)."""
+    import torch.distributed as dist
+
+    from pipeline.data.datamodule import BlockDeal, SharedCount
+
+    blocks, world_size = 9, 3
+    store = dist.HashStore()
+    ranks = [iter(BlockDeal(blocks, rank, world_size, SharedCount("claimed", store))) for rank in range(world_size)]
+    asks = [0, 1, 2, 2, 2, 0, 1, 2, 0, 1, 1, 0, 2]  # which rank has finished its block and asks for the next
+    queue = list(range(world_size, blocks))  # the reference: blocks past the first ones, in order
+    got = {rank: [] for rank in range(world_size)}
+    for rank in asks:
+        index = next(ranks[rank], None)
+        expected = rank if not got[rank] else (queue.pop(0) if queue else None)
+        assert index == expected, (rank, index, expected)
+        if index is not None:
+            got[rank].append(index)
+    assert sorted(i for indices in got.values() for i in indices) == list(range(blocks))  # each block once
+    assert got == {0: [0, 5, 8], 1: [1, 6], 2: [2, 3, 4, 7]}
+
+
+def test_without_a_shared_count_ranks_take_every_world_size_th_block():
+    from pipeline.data.datamodule import BlockDeal
+
+    assert [list(BlockDeal(7, rank, 3, None)) for rank in range(3)] == [[0, 3, 6], [1, 4], [2, 5]]
+    assert list(BlockDeal(4, 0, 1, None)) == [0, 1, 2, 3]
+    assert list(BlockDeal(2, 2, 3, None)) == []  # more ranks than blocks
+
+
+def test_progress_shows_the_blocks_of_all_ranks():
+    """Rank 0's bar counts the blocks every rank has finished, out of all blocks."""
+    import io
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+    from tqdm import tqdm
+
+    from pipeline.data.datamodule import SharedCount
+    from pipeline.runner.callbacks import RunProgressBar
+
+    store = dist.HashStore()
+    other_rank = SharedCount("finished", store)
+    trainer = SimpleNamespace(datamodule=SimpleNamespace(finished=SharedCount("finished", store)))
+    progress = RunProgressBar()
+    progress.predict_progress_bar = tqdm(total=6, file=io.StringIO())
+    other_rank.add()
+    other_rank.add()
+    progress.on_predict_batch_end(trainer, None, None, None, 0)
+    assert progress.predict_progress_bar.n == 3
+    other_rank.add()
+    progress.on_predict_batch_end(trainer, None, None, None, 1)
+    assert progress.predict_progress_bar.n == 5

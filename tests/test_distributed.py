@@ -308,3 +308,33 @@ def test_predict_strategy_keeps_each_ranks_weights(monkeypatch):
         environment.stop()
     assert isinstance(strategy_for("ddp"), PredictDDPStrategy) and strategy_for("ddp").process_group_backend == "gloo"
     assert strategy_for("auto") == "auto"
+
+
+RANK_SLOW_BLOCKS = """\
+import os, sys, time
+import pipeline.runner.module as module
+from pipeline.cli import main
+decode = module.decode_batch
+def slow(*args, **kwargs):  # rank 1's device is slow: each of its blocks takes seconds longer
+    if os.environ["LOCAL_RANK"] == "1":
+        time.sleep(float(os.environ["SLOW_BLOCK_S"]))
+    return decode(*args, **kwargs)
+module.decode_batch = slow
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_blocks_go_to_the_rank_that_is_free(tiny_dir, reference, tmp_path):
+    """Four blocks, rank 1 several seconds slower per block: after each rank's first block, rank 0
+    takes every block left while rank 1 still computes its first (a fixed deal gave each rank
+    two). The records are those of one process, each sample once."""
+    script = tmp_path / "rank_script.py"
+    script.write_text(RANK_SLOW_BLOCKS)
+    out = tmp_path / "run"
+    returncode, _, stderr = _finished(_torchrun(str(script), *_command(tiny_dir, out, 2)[3:]),
+                                      env={**_env(), "SLOW_BLOCK_S": "4"})
+    assert returncode == 0, stderr[-4000:]
+    shards = [(out / f"records.rank{rank}.jsonl").read_text().splitlines() for rank in (0, 1)]
+    samples = [{Record.from_json(json.loads(line)).sample_id for line in shard} for shard in shards]
+    assert samples == [{"demo:0", "demo:1", "demo:4", "demo:5", "demo:6", "demo:7"}, {"demo:2", "demo:3"}]
+    assert _keyed(out) == _keyed(reference)

@@ -1,4 +1,5 @@
-"""Callbacks: install the module's unit hooks for the whole predict loop, remove them after; build and write records as batches finish."""
+"""Callbacks: install the module's unit hooks for the whole predict loop, remove them after; build and write
+records as batches finish; show how many blocks all ranks have finished."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import lightning as L
-from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.callbacks import BasePredictionWriter, TQDMProgressBar
 
 from pipeline.results.raw_scores import save_scores
 from pipeline.results.store import RECORDS, append_records
@@ -142,3 +143,25 @@ class RecordWriter(BasePredictionWriter):
                   file=sys.stderr)
         finally:
             self._close()
+
+
+class RunProgressBar(TQDMProgressBar):
+    """tqdm's bar (it also leaves readable lines in batch-job logs) over the blocks of all ranks.
+
+    Blocks go to whichever rank is free (``data/datamodule.py``), so one rank's count says little
+    of the run's: every rank adds its finished blocks to the data module's shared count, and rank
+    0, the one that shows the bar, shows that count out of all blocks.
+    """
+
+    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self._show(trainer.datamodule.finished.add())
+
+    def on_predict_end(self, trainer, pl_module) -> None:
+        self._show(trainer.datamodule.finished.value())  # what the others finished since (they may still work)
+        super().on_predict_end(trainer, pl_module)
+
+    def _show(self, finished: int) -> None:
+        bar = self.predict_progress_bar
+        if bar is not None and not bar.disable:
+            bar.n = finished
+            bar.refresh()

@@ -16,7 +16,6 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 
 from pipeline.config import DataConfig, ModelConfig, ProtocolConfig, RunConfig, validate
@@ -33,7 +32,7 @@ from pipeline.results.plot import plot_curves
 from pipeline.results.store import (NUMBERS_VERSION, check_run_dir, completed_samples, fingerprint, load_records,
                                     open_run_dir, read_records)
 from pipeline.results.summary import format_table, summarize, write_summary
-from pipeline.runner.callbacks import MaskingCallback, RecordWriter
+from pipeline.runner.callbacks import MaskingCallback, RecordWriter, RunProgressBar
 from pipeline.runner.module import SparseActivationModule
 from pipeline.runner.lock import RunLock, process_rank
 from pipeline.runner.preemption import Interrupted, Preempted, PreemptionCallback, requeue_slurm_job
@@ -229,7 +228,7 @@ def _evaluate_locked(job: Job, model: ModelConfig, data: DataConfig, protocol: P
                 use_distributed_sampler=False,  # the data module deals whole blocks of samples to the ranks
                 # tqdm rather than rich: it also leaves readable progress lines in batch-job logs
                 callbacks=[MaskingCallback(), writer, preemption]
-                + ([TQDMProgressBar()] if run.progress else []),
+                + ([RunProgressBar()] if run.progress else []),
                 # Lightning's own SLURM requeue saves a training checkpoint; prediction needs none
                 plugins=[SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else None,
             )
