@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import threading
 import time
@@ -49,6 +50,7 @@ import pipeline.runner.run as run_module  # noqa: E402
 
 IMPORT_S = time.perf_counter() - _STARTED
 RANK = int(os.environ.get("LOCAL_RANK", "0"))  # this process's rank on its machine (a DDP run's ranks each time theirs)
+LAUNCH = os.environ.get("TORCHELASTIC_RUN_ID", "")  # the same on every rank of one torchrun launch
 PHASES = ["load", "start-up", "dense labels", "attribution", "masks", "masked decoding", "records", "writing", "host wait",
           "teardown", "barrier"]
 # lever name -> (module, attribute, value when switched off)
@@ -358,9 +360,7 @@ def one_run(args, label: str, off: set[str], model_name: str, rate, gpus: int, f
 
     metrics = list(DEFAULT_METRICS) + [m for m in args.metrics if m not in DEFAULT_METRICS]
     out = Path(args.workdir) / f"run_{_file_label(label)}_{gpus}gpu"
-    if out.exists() and RANK == 0:
-        import shutil
-
+    if out.exists() and RANK == 0:  # an earlier variant of this process (one GPU: see main)
         shutil.rmtree(out)
     data = (DataConfig(dataset="demo", start=first_question, limit=args.questions) if args.data == "demo" else
             DataConfig(dataset="truthfulqa", path=args.data, start=first_question, limit=args.questions))
@@ -599,16 +599,23 @@ def main():
     model_name = args.model
     if args.config:
         model_name = str(Path(args.workdir) / f"model_{Path(args.config).name}_{args.dtype}")
-        ready = Path(model_name) / "complete"  # written once the model and its tokenizer are saved
+        # written once the model and its tokenizer are saved and an earlier launch's run directories and
+        # phases are gone (removed while another rank had started, they took its records: session 11)
+        ready = Path(model_name) / "complete"
         if RANK == 0:
             make_model(args.config, args.tokenizer, Path(model_name), args.dtype)
-            ready.touch()
+            for stale in [*Path(args.workdir).glob("run_*"), *Path(args.workdir).glob("phases_*.json")]:
+                shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
+            ready.write_text(LAUNCH)
         else:
             deadline = time.time() + 900
-            while not ready.exists():
+            while not (ready.exists() and ready.read_text() == LAUNCH):
                 if time.time() > deadline:
                     raise SystemExit(f"rank {RANK}: rank 0 did not save {model_name} within 900 s")
                 time.sleep(1)
+    if args.gpus > 1 and len(set(args.variants)) < len(args.variants):
+        raise SystemExit("with several GPUs each variant runs once: a repeated one would remove its run directory "
+                         "while another rank writes it")
     rate = matmul_rate()
     print(f"pipeline from {Path(protocol_module.__file__).parent}; imports {IMPORT_S:.1f} s")
     results, lines = [], []

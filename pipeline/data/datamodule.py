@@ -57,11 +57,13 @@ class SharedCount:
 class BlockDeal(Sampler[int]):
     """The indices of the blocks one rank computes, in the order it computes them.
 
-    Blocks differ in cost (Phi-2 shape, H200: 1.0-1.5 s per block of 64 TruthfulQA questions,
-    by their prompts' and answers' lengths), so a fixed deal (every world-size-th block) left one
-    of two GPUs waiting 0.5 s of 9.3 s at the end of 768 questions. Rank r computes block r first
-    (every rank starts at once, and a rank gets a block whenever there are enough), then claims
-    the next unclaimed block each time it asks for one, that is once it has finished the last.
+    Ranks differ in speed (mixed nodes, a busy node) and blocks in cost (Phi-2 shape, H200: 1.0-1.5 s
+    per block of 64 TruthfulQA questions, by their prompts' and answers' lengths); with a fixed deal
+    (every world-size-th block) the run lasted as long as the slowest rank's share. Rank r computes
+    block r first (every rank starts at once, and a rank gets a block whenever there are enough),
+    then claims the next unclaimed block each time it asks for one, that is once it has finished
+    the last. (Two H200s, 768 questions: the first rank done waited 0.18-0.30 s for the other,
+    against 0.41-0.60 s with the fixed deal; benchmarks/RESULTS.md, session 11.)
 
     The length is the number of blocks of all ranks, an upper bound: given a length, Lightning
     asks for a block when it starts one (without it, it fetches one ahead: one claim too early).
