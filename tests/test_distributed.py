@@ -325,14 +325,14 @@ sys.exit(main(sys.argv[1:]))
 
 
 def test_blocks_go_to_the_rank_that_is_free(tiny_dir, reference, tmp_path):
-    """Four blocks, rank 1 several seconds slower per block: after each rank's first block, rank 0
-    takes every block left while rank 1 still computes its first (a fixed deal gave each rank
-    two). The records are those of one process, each sample once."""
+    """Four blocks, rank 1 8 s slower per block: after each rank's first block, rank 0 takes every
+    block left while rank 1 still computes its first (a fixed deal gave each rank two). The
+    records are those of one process, each sample once."""
     script = tmp_path / "rank_script.py"
     script.write_text(RANK_SLOW_BLOCKS)
     out = tmp_path / "run"
     returncode, _, stderr = _finished(_torchrun(str(script), *_command(tiny_dir, out, 2)[3:]),
-                                      env={**_env(), "SLOW_BLOCK_S": "4"})
+                                      env={**_env(), "SLOW_BLOCK_S": "8"})
     assert returncode == 0, stderr[-4000:]
     shards = [(out / f"records.rank{rank}.jsonl").read_text().splitlines() for rank in (0, 1)]
     samples = [{Record.from_json(json.loads(line)).sample_id for line in shard} for shard in shards]

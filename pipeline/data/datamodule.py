@@ -38,7 +38,8 @@ class SharedCount:
     the one the process group formed with: atomic over all ranks and nodes), or a local count."""
 
     def __init__(self, key: str | None = None, store=None):
-        # the store of the process group; torch's own DataLoader shares its seed through it too
+        # the process group's store: torch has no public getter for it, and a TCPStore of our own
+        # would need an address and port every launcher agrees on
         self._store = store if store is not None or key is None else dist.distributed_c10d._get_default_store()
         self._key = key
         self._local = 0
@@ -57,13 +58,11 @@ class SharedCount:
 class BlockDeal(Sampler[int]):
     """The indices of the blocks one rank computes, in the order it computes them.
 
-    Ranks differ in speed (mixed nodes, a busy node) and blocks in cost (Phi-2 shape, H200: 1.0-1.5 s
-    per block of 64 TruthfulQA questions, by their prompts' and answers' lengths); with a fixed deal
-    (every world-size-th block) the run lasted as long as the slowest rank's share. Rank r computes
-    block r first (every rank starts at once, and a rank gets a block whenever there are enough),
-    then claims the next unclaimed block each time it asks for one, that is once it has finished
-    the last. (Two H200s, 768 questions: the first rank done waited 0.18-0.30 s for the other,
-    against 0.41-0.60 s with the fixed deal; benchmarks/RESULTS.md, session 11.)
+    With a fixed deal (every world-size-th block) a run lasts as long as its slowest rank's share,
+    however much faster the others are (mixed nodes, a busy node). Rank r computes block r first
+    (every rank starts at once, and a rank gets a block whenever there are enough), then claims
+    the next unclaimed block each time it asks for one, that is once it has finished the last. On
+    equal GPUs this changes nothing measurable (benchmarks/RESULTS.md, session 11).
 
     The length is the number of blocks of all ranks, an upper bound: given a length, Lightning
     asks for a block when it starts one (without it, it fetches one ahead: one claim too early).

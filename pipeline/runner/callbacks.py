@@ -154,14 +154,19 @@ class RunProgressBar(TQDMProgressBar):
     """
 
     def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        self._show(trainer.datamodule.finished.add())
+        finished = getattr(trainer.datamodule, "finished", None)
+        if finished is None:  # predicting without the run's data module: this rank's own count
+            return super().on_predict_batch_end(trainer, pl_module, outputs, batch, batch_idx, dataloader_idx)
+        self._show(finished.add())
 
     def on_predict_end(self, trainer, pl_module) -> None:
-        self._show(trainer.datamodule.finished.value())  # what the others finished since (they may still work)
+        finished = getattr(trainer.datamodule, "finished", None)
+        if finished is not None:
+            self._show(finished.value())  # what the others finished since (they may still be at work)
         super().on_predict_end(trainer, pl_module)
 
     def _show(self, finished: int) -> None:
         bar = self.predict_progress_bar
-        if bar is not None and not bar.disable:
+        if not bar.disable:  # shown on rank 0 only
             bar.n = finished
             bar.refresh()

@@ -86,14 +86,14 @@ class SparseActivationModule(L.LightningModule):
         self.unit_hooks = UnitHooks(self.layout)
         # the run's captured decoding steps (calibration's, if any, then every batch's), passed to every step
         self.graphs = graphs if graphs is not None else CapturedSteps(model)
-        # near the end of a resumed run a rank may have no block left
+        # ranks without a process group deal blocks fixed (data/datamodule.py): one may get none
         self.allow_zero_length_dataloader_with_multiple_devices = True
 
     def setup(self, stage: str) -> None:
         # Every rank calibrated on its own before the trainer existed; float kernels of different
         # devices may order near-equal values differently, so all ranks take rank 0's. Here and
-        # not in on_predict_start: a rank without a block skips its predict loop and its hooks,
-        # and rank 0 would wait for it in the broadcast forever.
+        # not in on_predict_start: that hook runs only where a predict loop runs, and a rank whose
+        # data loader is empty skips it (rank 0 would then wait for it in the broadcast forever).
         _same_run_on_every_rank(self.fingerprint, self.model)
         self.thresholds, self.layer_levels = self.trainer.strategy.broadcast((self.thresholds, self.layer_levels), src=0)
 
