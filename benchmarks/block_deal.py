@@ -18,20 +18,21 @@ import argparse
 import json
 
 
-def fixed(costs: list[float], ranks: int, cold: float) -> list[float]:
+def replay(costs: list[float], ranks: int, cold: float, deal) -> list[float]:
+    """Each rank's busy seconds when ``deal(index, busy)`` picks the rank of block ``index``."""
     busy = [0.0] * ranks
     for index, cost in enumerate(costs):
-        busy[index % ranks] += cost + (cold if index < ranks else 0.0)
+        busy[deal(index, busy)] += cost + (cold if index < ranks else 0.0)  # a rank's first block is cold
     return busy
 
 
-def free_rank(costs: list[float], ranks: int, cold: float) -> list[float]:
-    busy = [0.0] * ranks
-    for index, cost in enumerate(costs):
-        # blocks 0..ranks-1: one to each rank; then the rank that is free first (ties: the lower rank)
-        rank = index if index < ranks else min(range(ranks), key=lambda r: (busy[r], r))
-        busy[rank] += cost + (cold if index < ranks else 0.0)
-    return busy
+def fixed(index: int, busy: list[float]) -> int:
+    return index % len(busy)
+
+
+def free_rank(index: int, busy: list[float]) -> int:
+    # blocks 0..ranks-1: one to each rank; then the rank that is free first (ties: the lower rank)
+    return index if index < len(busy) else min(range(len(busy)), key=lambda r: (busy[r], r))
 
 
 def main():
@@ -48,7 +49,7 @@ def main():
         one = sum(costs[:n]) + cold
         for ranks in args.ranks:
             for deal in (fixed, free_rank):
-                busy = deal(costs[:n], ranks, cold)
+                busy = replay(costs[:n], ranks, cold, deal)
                 print(f"{n:3d} blocks, {ranks} ranks, {deal.__name__:9s}: slowest rank {max(busy):6.2f} s, "
                       f"idle at the end {sum(max(busy) - b for b in busy):5.2f} s, {one / max(busy):.2f}x one rank")
 

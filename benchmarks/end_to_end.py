@@ -22,6 +22,7 @@ phase that queued it.
         --data .bench_assets/TruthfulQA.csv --questions 256 --max-new-tokens 16 --dtype bfloat16
     ... --metrics ig            # the five default scores and IG
     ... --gpus 2                # Lightning DDP over two GPUs (each rank times its own phases)
+    ... --per-block --json F    # each block's device time; benchmarks/block_deal.py replays them on N ranks
     ... --variants all off:masked_groups off:dense_graphs none   # several runs, levers switched off
 """
 
